@@ -1,0 +1,147 @@
+"""Dynamic batching per model, with priority preference and aging. No Redis in here.
+
+``put()`` adds a request; ``next_batch()`` returns a batch of one model as soon as that model
+has ``max_batch_size`` requests waiting, or ``window_ms`` after the oldest of them arrived.
+
+Which requests go into a batch (the priority rule):
+1. A request that has waited in the batcher longer than ``aging_ms`` goes first, oldest first,
+   whatever its priority, so a p0 flood can delay a p2 request but never starve it.
+2. Otherwise the highest priority goes first (p0 before p1 before p2), oldest first within a
+   level, so a p0 request never waits behind a backlog of p2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+
+class Batchable(Protocol):
+    """What the batcher needs from an item."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def priority(self) -> int: ...
+
+
+T = TypeVar("T", bound=Batchable)
+
+
+class _ModelQueue(Generic[T]):
+    """Waiting items of one model: one FIFO per priority level, with arrival times."""
+
+    def __init__(self) -> None:
+        self.levels: list[deque[tuple[float, T]]] = []
+        self.count = 0
+
+    def push(self, arrival_s: float, item: T) -> None:
+        while len(self.levels) <= item.priority:
+            self.levels.append(deque())
+        self.levels[item.priority].append((arrival_s, item))
+        self.count += 1
+
+    def oldest_arrival_s(self) -> float:
+        return min(level[0][0] for level in self.levels if level)
+
+    def pop_next(self, aged_before_s: float) -> T:
+        """Remove the next item by the priority rule (see the module docstring)."""
+        aged: deque[tuple[float, T]] | None = None
+        for level in self.levels:
+            if (
+                level
+                and level[0][0] <= aged_before_s
+                and (aged is None or level[0][0] < aged[0][0])
+            ):
+                aged = level
+        chosen = aged or next(level for level in self.levels if level)
+        self.count -= 1
+        return chosen.popleft()[1]
+
+
+class Batcher(Generic[T]):
+    """Groups items into per-model batches; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        window_ms: float,
+        aging_ms: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.window_s = window_ms / 1000
+        self.aging_s = aging_ms / 1000
+        self._clock = clock
+        self._queues: dict[str, _ModelQueue[T]] = {}
+        self._size = 0
+        self._changed = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def __len__(self) -> int:
+        return self._size
+
+    def put(self, item: T) -> None:
+        """Add one item; wakes ``next_batch`` if this completes a batch."""
+        queue = self._queues.get(item.model_id)
+        if queue is None:
+            queue = self._queues[item.model_id] = _ModelQueue()
+        queue.push(self._clock(), item)
+        self._size += 1
+        self._changed.set()
+
+    async def next_batch(self) -> list[T]:
+        """Wait for the next ready batch (full, or its window elapsed) and return it."""
+        while True:
+            now_s = self._clock()
+            model_id, ready_at_s = self._most_urgent(now_s)
+            if model_id is not None and ready_at_s <= now_s:
+                return self._take(model_id, now_s)
+            self._changed.clear()
+            wait_s = None if model_id is None else ready_at_s - now_s
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+
+    async def wait_for_room(self, capacity: int) -> None:
+        """Wait until fewer than ``capacity`` items are waiting (reader back-pressure)."""
+        while self._size >= capacity:
+            self._room.clear()
+            await self._room.wait()
+
+    def take_all(self) -> list[list[T]]:
+        """Remove and return everything waiting, as batches (for a graceful stop)."""
+        batches = []
+        while self._queues:
+            model_id = next(iter(self._queues))
+            batches.append(self._take(model_id, self._clock()))
+        return batches
+
+    def _most_urgent(self, now_s: float) -> tuple[str | None, float]:
+        best: tuple[str | None, float] = (None, float("inf"))
+        for model_id, queue in self._queues.items():
+            if queue.count >= self.max_batch_size:
+                ready_at_s = now_s
+            else:
+                ready_at_s = queue.oldest_arrival_s() + self.window_s
+            if ready_at_s < best[1]:
+                best = (model_id, ready_at_s)
+        return best
+
+    def _take(self, model_id: str, now_s: float) -> list[T]:
+        queue = self._queues[model_id]
+        aged_before_s = now_s - self.aging_s
+        batch = [
+            queue.pop_next(aged_before_s) for _ in range(min(queue.count, self.max_batch_size))
+        ]
+        if queue.count == 0:
+            del self._queues[model_id]
+        self._size -= len(batch)
+        self._room.set()
+        return batch

@@ -1,0 +1,89 @@
+"""Prometheus metrics of one consumer (base units: seconds, counts; no request ids as labels)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .streams import QueueStats
+
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+
+
+class Metrics:
+    """The service's metrics, in their own registry (several workers can share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "bales_requests",
+            "Requests answered, by model and outcome (ok or an error code).",
+            ["model_id", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "bales_request_latency_seconds",
+            "From enqueue (stream entry ID) to reply written, for computed requests.",
+            ["priority"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "bales_batch_size",
+            "Requests per model call.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "bales_queue_depth",
+            "Entries not yet delivered to the consumer group (XINFO GROUPS lag), by priority.",
+            ["priority"],
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "bales_pending",
+            "Entries delivered to the group but not yet acked, by priority.",
+            ["priority"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "bales_dead_letters",
+            "Entries moved to the dead-letter stream.",
+            registry=self.registry,
+        )
+        self.stale_completions = Counter(
+            "bales_stale_completions",
+            "Replies dropped because the entry was no longer pending for this consumer.",
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "bales_redis_errors",
+            "Redis commands that failed (connection lost, timeouts, server errors).",
+            registry=self.registry,
+        )
+
+    def observe_queues(self, stats: list[QueueStats]) -> None:
+        """Update the per-priority depth gauges."""
+        for stat in stats:
+            self.queue_depth.labels(str(stat.priority)).set(stat.lag or 0)
+            self.pending.labels(str(stat.priority)).set(stat.pending)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)

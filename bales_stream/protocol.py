@@ -1,0 +1,212 @@
+"""Decoding request entries (wire format v1) into validated ``Request`` objects.
+
+Every way an entry can be wrong maps to one clear rejection that says what was wrong and
+what was expected; see docs/wire-format.md for the fields.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+import numpy as np
+from bales_producer import wire
+
+from .errors import RequestRejected, Unanswerable, invalid
+
+MAX_TIMEOUT_MS = 86_400_000
+_F32 = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the decoder needs to know about a served model."""
+
+    model_id: str
+    model_type: str
+    input_shape: tuple[int, ...]
+
+    @property
+    def input_size(self) -> int:
+        """Number of float values in one input."""
+        return math.prod(self.input_shape)
+
+
+ModelLookup = Callable[[str], ModelSpec | None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits taken from the settings."""
+
+    default_timeout_ms: int
+    max_input_bytes: int
+
+
+@dataclass(slots=True)
+class Request:
+    """One accepted request, ready to be batched."""
+
+    priority: int
+    entry_id: str
+    request_id: str
+    model_id: str
+    inputs: np.ndarray
+    enqueued_ms: int
+    deadline_ms: int
+    reply_to: str | None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Where an answer to an entry goes; known as soon as the request_id is."""
+
+    priority: int
+    entry_id: str
+    request_id: str
+    model_id: str
+    reply_to: str | None
+
+
+def entry_time_ms(entry_id: str) -> int:
+    """The enqueue time (Redis clock, ms since the epoch) encoded in a stream entry ID."""
+    return int(entry_id.split("-", 1)[0])
+
+
+def _text(fields: dict[bytes, bytes], name: str) -> str | None:
+    raw = fields.get(name.encode())
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(f"field {name} is not valid UTF-8 text") from None
+
+
+def read_envelope(
+    entry_id: str, fields: dict[bytes, bytes] | None, priority: int, keys: wire.KeySpace
+) -> Envelope:
+    """Find where to answer an entry, or raise ``Unanswerable`` (dead-letter it)."""
+    if not fields:
+        raise Unanswerable("entry has no fields (deleted from the stream?)")
+    raw_id = fields.get(wire.FIELD_REQUEST_ID.encode())
+    if raw_id is None:
+        raise Unanswerable("missing field request_id")
+    request_id = raw_id.decode("utf-8", "replace")
+    if not wire.is_valid_request_id(request_id):
+        raise Unanswerable(
+            f"request_id {request_id[:140]!r} is invalid: expected 1-128 chars of [A-Za-z0-9._:-]"
+        )
+    model_id = fields.get(wire.FIELD_MODEL_ID.encode(), b"").decode("utf-8", "replace")
+    reply_to = fields.get(wire.FIELD_REPLY_TO.encode(), b"").decode("utf-8", "replace") or None
+    if reply_to is not None and not keys.is_valid_inbox(reply_to):
+        reply_to = None  # never write outside our key space; the reply key still gets it
+    return Envelope(priority, entry_id, request_id, model_id[:200], reply_to)
+
+
+def decode_request(
+    envelope: Envelope, fields: dict[bytes, bytes], lookup: ModelLookup, limits: Limits
+) -> Request:
+    """Validate an entry's fields against the model it names; raise ``RequestRejected``."""
+    if fields.get(wire.FIELD_REPLY_TO.encode()) and envelope.reply_to is None:
+        raise invalid("field reply_to must name an inbox key '<prefix>:inbox:<name>'")
+    spec = _model_spec(envelope.model_id, fields, lookup)
+    enqueued_ms = entry_time_ms(envelope.entry_id)
+    deadline_ms = enqueued_ms + _timeout_ms(fields, limits)
+    inputs = _inputs(fields, spec, limits)
+    return Request(
+        envelope.priority,
+        envelope.entry_id,
+        envelope.request_id,
+        spec.model_id,
+        inputs,
+        enqueued_ms,
+        deadline_ms,
+        envelope.reply_to,
+    )
+
+
+def _model_spec(model_id: str, fields: dict[bytes, bytes], lookup: ModelLookup) -> ModelSpec:
+    if not model_id:
+        raise invalid("missing field model_id: expected the id of a served model, e.g. stub_v1")
+    spec = lookup(model_id)
+    if spec is None:
+        raise RequestRejected(wire.ERROR_UNKNOWN_MODEL, f"model {model_id!r} is not served")
+    model_type = _text(fields, wire.FIELD_MODEL_TYPE)
+    if model_type and model_type != spec.model_type:
+        raise invalid(
+            f"model_type {model_type!r} does not match: {model_id} is a {spec.model_type} model"
+        )
+    return spec
+
+
+def _timeout_ms(fields: dict[bytes, bytes], limits: Limits) -> int:
+    text = _text(fields, wire.FIELD_TIMEOUT_MS)
+    if text is None or text == "":
+        return limits.default_timeout_ms
+    if not text.isdigit() or not 1 <= int(text) <= MAX_TIMEOUT_MS:
+        raise invalid(
+            f"timeout_ms {text[:40]!r} is invalid: expected an integer from 1 to {MAX_TIMEOUT_MS}"
+        )
+    return int(text)
+
+
+def _inputs(fields: dict[bytes, bytes], spec: ModelSpec, limits: Limits) -> np.ndarray:
+    raw = fields.get(wire.FIELD_INPUT.encode())
+    if raw is None:
+        raise invalid(f"missing field input: expected {spec.input_size} numbers")
+    if len(raw) > limits.max_input_bytes:
+        raise invalid(f"input has {len(raw)} bytes; the limit is {limits.max_input_bytes}")
+    encoding = _text(fields, wire.FIELD_ENCODING) or wire.ENCODING_JSON
+    if encoding == wire.ENCODING_F32:
+        array = _f32_array(raw, spec)
+    elif encoding == wire.ENCODING_JSON:
+        array = _json_array(raw, spec)
+    else:
+        raise invalid(f"encoding {encoding[:40]!r} is not supported: expected json or f32")
+    if not np.isfinite(array).all():
+        raise invalid("input contains NaN or infinity (or a number beyond float32 range)")
+    return array
+
+
+def _f32_array(raw: bytes, spec: ModelSpec) -> np.ndarray:
+    if len(raw) % 4:
+        raise invalid(f"f32 input has {len(raw)} bytes: expected a multiple of 4")
+    count = len(raw) // 4
+    if count != spec.input_size:
+        raise invalid(f"input has {count} values; {spec.model_id} expects {spec.input_size}")
+    return np.frombuffer(raw, dtype=_F32).reshape(spec.input_shape)
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a number")
+
+
+def _json_array(raw: bytes, spec: ModelSpec) -> np.ndarray:
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise invalid(
+            f"input is not valid JSON ({exc}): expected a JSON array of numbers"
+        ) from None
+    if not isinstance(value, list):
+        raise invalid(f"input is a JSON {type(value).__name__}: expected an array of numbers")
+    try:
+        array = np.array(value)
+    except (ValueError, OverflowError):
+        raise invalid("input is a ragged array: expected a rectangular array of numbers") from None
+    if array.dtype.kind not in "iuf":
+        raise invalid("input holds non-numbers: expected an array of numbers only")
+    if array.shape != spec.input_shape:
+        raise invalid(_shape_message(array.shape, spec))
+    with np.errstate(over="ignore"):
+        return array.astype(_F32)
+
+
+def _shape_message(shape: tuple[int, ...], spec: ModelSpec) -> str:
+    if len(shape) == 1 and len(spec.input_shape) == 1:
+        return f"input has {shape[0]} values; {spec.model_id} expects {spec.input_size}"
+    return f"input has shape {list(shape)}; {spec.model_id} expects shape {list(spec.input_shape)}"

@@ -1,0 +1,99 @@
+"""The model registry: which models are served, and atomic hot-swap on reload.
+
+A swap replaces one dict entry (a reference to an immutable ``LoadedModel``), so a batch
+that already took its model keeps running wholly on the old version while the next batch
+gets the new one. Loading and warm-up run in the executor; the old model serves until
+the new one is ready, and stays if loading fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+from .models import LoadedModel, builtin_stub, load_stub_file
+from .protocol import ModelSpec
+
+log = logging.getLogger(__name__)
+
+RunBlocking = Callable[..., Awaitable[Any]]
+"""``await run_blocking(fn, *args)`` runs ``fn`` in the worker's executor."""
+
+
+def confine(weights_dir: Path, raw_path: str) -> Path:
+    """Resolve ``raw_path`` (after symlinks) and insist it is a file inside ``weights_dir``.
+
+    A relative path is tried against ``weights_dir`` first, then the working directory
+    (so both ``stub_v2.pt`` and ``./weights/stub_v2.pt`` work). Raises ``ModelLoadError``.
+    """
+    if not raw_path or "\x00" in raw_path:
+        raise ModelLoadError("weights_path must be a non-empty path")
+    root = weights_dir.resolve()
+    given = Path(raw_path)
+    candidates = [given] if given.is_absolute() else [root / given, Path.cwd() / given]
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if resolved.is_relative_to(root) and resolved.is_file():
+            return resolved
+    if any(c.resolve().is_relative_to(root) for c in candidates):
+        raise ModelLoadError(f"weights file {raw_path!r} does not exist in WEIGHTS_DIR", 404)
+    raise ModelLoadError(f"weights_path {raw_path!r} is outside WEIGHTS_DIR ({weights_dir})")
+
+
+class ModelRegistry:
+    """The models one consumer serves, by model_id."""
+
+    def __init__(self, weights_dir: Path, run_blocking: RunBlocking) -> None:
+        self.weights_dir = weights_dir
+        self._run_blocking = run_blocking
+        self._models: dict[str, LoadedModel] = {}
+        self._reload_locks: dict[str, asyncio.Lock] = {}
+
+    def get(self, model_id: str) -> LoadedModel | None:
+        """The current version of a model, or None if it is not served."""
+        return self._models.get(model_id)
+
+    def spec(self, model_id: str) -> ModelSpec | None:
+        """The input spec of a served model (the decoder's model lookup)."""
+        model = self._models.get(model_id)
+        return model.spec if model else None
+
+    def models(self) -> dict[str, LoadedModel]:
+        """A snapshot of every served model, by model_id."""
+        return dict(self._models)
+
+    async def load_default(self, model_id: str) -> LoadedModel:
+        """Load the default stub model from ``<WEIGHTS_DIR>/<model_id>.pt``, or its
+        reproducible built-in weights when there is no such file."""
+        path = self.weights_dir / f"{model_id}.pt"
+        if path.is_file():
+            model = await self._run_blocking(load_stub_file, model_id, path)
+        else:
+            log.info("no %s; serving %s with its built-in weights", path, model_id)
+            model = await self._run_blocking(builtin_stub, model_id)
+        self._models[model_id] = model
+        return model
+
+    async def reload(self, model_id: str, weights_path: str) -> tuple[str, str]:
+        """Load new weights for a served model and swap them in; returns (old, new) versions.
+
+        Raises ``ModelLoadError`` (the old model keeps serving)."""
+        current = self._models.get(model_id)
+        if current is None:
+            raise ModelLoadError(f"model {model_id!r} is not served", 404)
+        path = confine(self.weights_dir, weights_path)
+        lock = self._reload_locks.setdefault(model_id, asyncio.Lock())
+        async with lock:
+            fresh: LoadedModel = await self._run_blocking(load_stub_file, model_id, path)
+            if fresh.spec != current.spec:
+                raise ModelLoadError(
+                    f"new weights change the model's interface from {current.spec} to {fresh.spec}"
+                )
+            old = self._models[model_id]
+            self._models[model_id] = fresh
+        log.info("reloaded %s: %s -> %s (%s)", model_id, old.version, fresh.version, path.name)
+        return old.version, fresh.version

@@ -1,0 +1,66 @@
+"""Reply documents (wire format v1) and the completion records that carry them to Redis."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from bales_producer import wire
+
+from .protocol import Envelope, Request
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """Everything needed to answer and ack one stream entry in one step."""
+
+    priority: int
+    entry_id: str
+    request_id: str
+    document: bytes
+    reply_to: str | None
+
+
+def _dump(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def ok_completion(
+    request: Request,
+    *,
+    model_version: str,
+    result: dict[str, Any],
+    batch_size: int,
+    queued_ms: float,
+    latency_ms: float,
+) -> Completion:
+    """The success reply of one computed request."""
+    document = {
+        "request_id": request.request_id,
+        "model_id": request.model_id,
+        "model_version": model_version,
+        "status": wire.STATUS_OK,
+        "result": result,
+        "batch_size": batch_size,
+        "queued_ms": round(queued_ms, 3),
+        "latency_ms": round(latency_ms, 3),
+        "priority": request.priority,
+    }
+    return Completion(
+        request.priority, request.entry_id, request.request_id, _dump(document), request.reply_to
+    )
+
+
+def error_completion(target: Envelope | Request, code: str, message: str) -> Completion:
+    """The error reply of one request (``code`` is a wire error code)."""
+    document = {
+        "request_id": target.request_id,
+        "model_id": target.model_id,
+        "status": wire.STATUS_ERROR,
+        "error": {"code": code, "message": message},
+        "priority": target.priority,
+    }
+    return Completion(
+        target.priority, target.entry_id, target.request_id, _dump(document), target.reply_to
+    )

@@ -1,0 +1,110 @@
+"""The service's lifecycle: Redis connection (or an embedded one), worker, sidecar, signals.
+
+``run_service`` reads like the life of the process: connect, start the sidecar (so /ready
+says 503 while models load), start the worker, wait for SIGTERM/SIGINT, drain, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+
+import redis.asyncio as aioredis
+
+from .embedded_redis import RedisServer, is_listening
+from .metrics import Metrics
+from .settings import DEFAULT_REDIS_URL, Settings
+from .sidecar import Sidecar
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+DEMO_REQUESTS = 3
+
+
+async def _redis_url(settings: Settings) -> tuple[str, RedisServer | None]:
+    """REDIS_URL, or an embedded redis-server when it is unset and localhost:6379 is silent."""
+    url = settings.redis_url.get_secret_value()
+    if settings.redis_url_is_explicit or url != DEFAULT_REDIS_URL:
+        return url, None
+    if await asyncio.to_thread(is_listening, "localhost", 6379):
+        return url, None
+    server = await asyncio.to_thread(RedisServer().start)
+    log.warning(
+        "REDIS_URL is not set and nothing answers on localhost:6379: started %s on %s "
+        "(an embedded Redis for trying things out; nothing is persisted)",
+        server.binary,
+        server.url,
+    )
+    return server.url, server
+
+
+async def run_service(settings: Settings, *, demo: bool = False) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully."""
+    url, embedded = await _redis_url(settings)
+    redis = aioredis.Redis.from_url(url, socket_timeout=None)
+    worker = Worker(settings, redis, Metrics())
+    sidecar = Sidecar(worker, settings.host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info(
+        "bales-stream starting: redis=%s group=%s consumer=%s",
+        settings.redis_url_masked if embedded is None else url,
+        settings.consumer_group,
+        settings.consumer_name,
+    )
+    try:
+        await sidecar.start()
+        if await _start_unless_stopped(worker, stop):
+            demo_task = asyncio.create_task(run_demo(url, settings)) if demo else None
+            await stop.wait()
+            if demo_task is not None:
+                demo_task.cancel()
+            log.info("stop requested: draining")
+            await worker.stop()
+    finally:
+        await sidecar.stop()
+        await redis.aclose()
+        if embedded is not None:
+            embedded.stop()
+    log.info("bales-stream stopped")
+
+
+async def _start_unless_stopped(worker: Worker, stop: asyncio.Event) -> bool:
+    """Start the worker; give up cleanly if a stop signal comes first (e.g. no Redis)."""
+    starting = asyncio.create_task(worker.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if starting.done():
+        starting.result()
+        return True
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    worker.executor.stop()
+    return False
+
+
+async def run_demo(url: str, settings: Settings) -> None:
+    """Send a few requests through the producer library and log the replies."""
+    from bales_producer import AsyncClient, BalesError
+
+    keys = settings.keys
+    async with AsyncClient(
+        url, prefix=keys.prefix, queue=keys.queue, priority_levels=keys.priority_levels
+    ) as client:
+        for priority in range(min(DEMO_REQUESTS, keys.priority_levels)):
+            values = [random.uniform(-1, 1) for _ in range(128)]
+            try:
+                reply = await client.infer(settings.default_model_id, values, priority=priority)
+            except BalesError as exc:
+                log.error("demo request failed: %s", exc)
+                continue
+            log.info("demo reply (p%d): %s", priority, reply)
+    log.info("demo done; send your own with: bales-stream send --random 128")

@@ -1,0 +1,109 @@
+"""Service settings, read once from environment variables into one typed object.
+
+Nothing else in the service reads ``os.environ``. Names and defaults follow BALES
+(``REDIS_URL``, ``MAX_BATCH_SIZE``, ...); every setting is listed in README.md and
+``.env.example``. An invalid value stops start-up with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from bales_producer import wire
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the environment variable."""
+
+
+def default_consumer_name() -> str:
+    """``<hostname>-<pid>``: unique per process, stable for a container's restarts."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Every setting of the service. Field ``x_y`` is read from variable ``X_Y``."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    redis_url: SecretStr = SecretStr(DEFAULT_REDIS_URL)
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    batch_window_ms: float = Field(5.0, ge=0, le=10_000)
+    batcher_timeout_s: float = Field(5.0, gt=0, le=86_400)
+    default_model_id: str = Field("stub_v1", min_length=1)
+    thread_pool_size: int = Field(4, ge=1, le=256)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    enable_prometheus: bool = True
+
+    key_prefix: str = Field(wire.DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9._-]+$")
+    queue_name: str = Field(wire.DEFAULT_QUEUE, pattern=r"^[A-Za-z0-9._-]+$")
+    priority_levels: int = Field(wire.DEFAULT_PRIORITY_LEVELS, ge=1, le=16)
+    consumer_group: str = Field("bales", min_length=1)
+    consumer_name: str = Field(default_factory=default_consumer_name, min_length=1)
+    reply_ttl_s: int = Field(60, ge=1)
+    read_block_ms: int = Field(1000, ge=1, le=60_000)
+    priority_aging_ms: float = Field(100.0, ge=0)
+    max_input_bytes: int = Field(1_048_576, ge=64)
+    weights_dir: Path = Path("weights")
+    sidecar_token: SecretStr | None = None
+    shutdown_grace_s: float = Field(30.0, gt=0)
+
+    @property
+    def keys(self) -> wire.KeySpace:
+        """The Redis key names for this prefix, queue and number of priority levels."""
+        return wire.KeySpace(self.key_prefix, self.queue_name, self.priority_levels)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def redis_url_is_explicit(self) -> bool:
+        """True when ``REDIS_URL`` was given (env or override), not just defaulted."""
+        return "redis_url" in self.model_fields_set
+
+    @property
+    def redis_url_masked(self) -> str:
+        """``REDIS_URL`` with any password replaced by ``****``, for logs."""
+        return mask_url(self.redis_url.get_secret_value())
+
+    def public_view(self) -> dict[str, object]:
+        """Every setting with secrets masked, for logs and ``bales-stream config``."""
+        view = self.model_dump(mode="json")
+        view["redis_url"] = self.redis_url_masked
+        view["sidecar_token"] = "****" if self.sidecar_token else None
+        return view
+
+
+def mask_url(url: str) -> str:
+    """Replace the password of a URL with ``****``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:****@{host}{port}"))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment (``overrides`` win); raise ``SettingsError``."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]).upper() if error["loc"] else "settings"
+            problems.append(f"{name}={error.get('input')!r}: {error['msg']}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

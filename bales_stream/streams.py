@@ -1,0 +1,193 @@
+"""Redis Streams access for one consumer: group set-up, reads, fenced completion, dead letters.
+
+All Redis commands the consume loop issues live here, so the loop itself reads as plain
+steps. Completion (write the reply, then ack) is one Lua script per batch: atomic, one
+round trip, and fenced: an entry is answered only while it is still pending for this
+consumer, so a stale owner's late write is dropped (and counted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from bales_producer import wire
+from redis.exceptions import ResponseError
+
+from .replies import Completion
+
+DEAD_LETTER_MAXLEN = 100_000
+"""Approximate cap of the dead-letter stream (it is not a request stream, so trimming loses
+no accepted request; it only forgets the oldest diagnostics)."""
+
+# KEYS, per completed entry i: stream, reply key, inbox key (the reply key again if none).
+# ARGV: group, consumer, ttl_s, then per entry: entry id, document, "1" if the inbox is used.
+_COMPLETE_LUA = """
+local group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3]
+local stale = 0
+for i = 1, #KEYS / 3 do
+  local stream, reply, inbox = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local id, doc, notify = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local owned = redis.call('XPENDING', stream, group, id, id, 1, consumer)
+  if #owned == 1 then
+    if redis.call('EXISTS', reply) == 0 then
+      redis.call('RPUSH', reply, doc)
+      redis.call('EXPIRE', reply, ttl)
+      if notify == '1' then
+        redis.call('RPUSH', inbox, doc)
+        redis.call('EXPIRE', inbox, ttl)
+      end
+    end
+    redis.call('XACK', stream, group, id)
+  else
+    stale = stale + 1
+  end
+end
+return stale
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """One entry read from a request stream (``fields`` is None for a deleted entry)."""
+
+    priority: int
+    entry_id: str
+    fields: dict[bytes, bytes] | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Depth of one priority stream as the consumer group sees it."""
+
+    priority: int
+    length: int
+    lag: int | None
+    """Entries not yet delivered to the group (None when Redis cannot tell)."""
+    pending: int
+    """Entries delivered but not yet acked."""
+
+
+class StreamStore:
+    """The request streams of one key space, seen by one consumer of one group."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: wire.KeySpace,
+        group: str,
+        consumer: str,
+        reply_ttl_s: int,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.group = group
+        self.consumer = consumer
+        self.reply_ttl_s = reply_ttl_s
+        self._priority_of = {key.encode(): p for p, key in enumerate(keys.streams)}
+        self._complete = redis.register_script(_COMPLETE_LUA)
+
+    async def ensure_groups(self) -> None:
+        """Create the consumer group on every priority stream (MKSTREAM) unless it exists."""
+        for stream in self.keys.streams:
+            try:
+                await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if not str(exc).startswith("BUSYGROUP"):
+                    raise
+
+    async def read(self, count: int, block_ms: int) -> list[StreamEntry]:
+        """XREADGROUP new entries from every priority stream, waiting up to ``block_ms``."""
+        streams = dict.fromkeys(self.keys.streams, ">")
+        response = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            streams,
+            count=count,
+            block=block_ms,  # type: ignore[arg-type]
+        )
+        return self._entries(response)
+
+    async def read_own_pending(self, after: dict[int, str], count: int) -> list[StreamEntry]:
+        """Our own pending entries (delivered to us, never acked) after the given IDs, per
+        priority; used once at start so a restarted consumer answers what it had taken."""
+        streams = {self.keys.stream(p): after.get(p, "0") for p in range(self.keys.priority_levels)}
+        response = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            streams,
+            count=count,  # type: ignore[arg-type]
+        )
+        return self._entries(response)
+
+    def _entries(self, response: Any) -> list[StreamEntry]:
+        entries = []
+        for stream, items in response or []:
+            priority = self._priority_of[stream]
+            for entry_id, fields in items:
+                entries.append(StreamEntry(priority, entry_id.decode(), fields or None))
+        return entries
+
+    async def complete(self, completions: list[Completion]) -> int:
+        """Write each reply (only if absent) and ack its entry, atomically, only for entries
+        still pending for this consumer. Returns how many were stale (not ours any more)."""
+        if not completions:
+            return 0
+        keys: list[str] = []
+        args: list[Any] = [self.group, self.consumer, self.reply_ttl_s]
+        for done in completions:
+            reply_key = self.keys.reply(done.request_id)
+            keys += [self.keys.stream(done.priority), reply_key, done.reply_to or reply_key]
+            args += [done.entry_id, done.document, "1" if done.reply_to else "0"]
+        stale = await self._complete(keys=keys, args=args)
+        return int(stale)
+
+    async def dead_letter(self, entry: StreamEntry, reason: str) -> None:
+        """Move an unanswerable entry to the dead-letter stream (with the reason) and ack it."""
+        record: dict[Any, Any] = {
+            "reason": reason,
+            "stream": self.keys.stream(entry.priority),
+            "entry_id": entry.entry_id,
+        }
+        for name, value in (entry.fields or {}).items():
+            record[b"field:" + name] = value
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.dead_letter, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+            pipe.xack(self.keys.stream(entry.priority), self.group, entry.entry_id)
+            await pipe.execute()
+
+    async def queue_stats(self) -> list[QueueStats]:
+        """Length, lag and pending count of every priority stream for our group."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.keys.streams:
+                pipe.xlen(stream)
+                pipe.xinfo_groups(stream)
+            results = await pipe.execute(raise_on_error=False)
+        stats = []
+        for priority in range(self.keys.priority_levels):
+            length, groups = results[2 * priority], results[2 * priority + 1]
+            group = self._find_group(groups)
+            stats.append(
+                QueueStats(
+                    priority,
+                    int(length) if isinstance(length, int) else 0,
+                    group.get("lag") if group else None,
+                    int(group.get("pending", 0)) if group else 0,
+                )
+            )
+        return stats
+
+    def _find_group(self, groups: object) -> dict[str, Any] | None:
+        if not isinstance(groups, list):
+            return None
+        for group in groups:
+            name = group.get("name")
+            if (name.decode() if isinstance(name, bytes) else name) == self.group:
+                return group
+        return None
+
+    async def redis_time_ms(self) -> float:
+        """The Redis server's clock, in ms since the epoch."""
+        seconds, micros = await self.redis.time()
+        return seconds * 1000 + micros / 1000

@@ -1,0 +1,193 @@
+"""The asyncio producer client, built for thousands of requests in flight on two connections.
+
+Writes are coalesced: every ``submit`` waiting at the same moment goes out in one pipelined
+batch of XADDs. Replies come back through one per-client inbox LIST (the request field
+``reply_to``) that a single reader task drains with ``BLMPOP ... COUNT``, so waiting costs
+one connection however many requests are in flight. Every reply is also written to its
+own ``bales:reply:<request_id>`` key, so ``result``/``poll`` work for any request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from . import wire
+from .core import DEFAULT_TIMEOUT_S, REPLY_GRACE_S, ClientCore, OutgoingRequest
+from .errors import BalesError, RequestTimeout
+
+log = logging.getLogger(__name__)
+
+INBOX_BLOCK_S = 1.0
+INBOX_POP_COUNT = 1000
+RETRY_BACKOFF_S = 0.5
+
+
+class AsyncClient:
+    """Async counterpart of ``Client``; use it as ``async with AsyncClient(url) as client``."""
+
+    def __init__(
+        self,
+        redis_url: str = "redis://localhost:6379/0",
+        *,
+        prefix: str = wire.DEFAULT_PREFIX,
+        queue: str = wire.DEFAULT_QUEUE,
+        priority_levels: int = wire.DEFAULT_PRIORITY_LEVELS,
+    ) -> None:
+        self.core = ClientCore(wire.KeySpace(prefix, queue, priority_levels))
+        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=None)
+        self.inbox = self.core.keys.inbox(uuid.uuid4().hex)
+        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._outbox: list[tuple[OutgoingRequest, asyncio.Future[None]]] = []
+        self._outbox_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncClient:
+        self._ensure_started()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def submit(self, model_id: str, values: Any, **options: Any) -> str:
+        """Enqueue one request and return its request_id once Redis has accepted it.
+
+        Options: ``priority`` (0 is highest, default 1), ``timeout_s`` (default 5),
+        ``request_id``, ``model_type``.
+        """
+        request = self.core.build(model_id, values, reply_to=self.inbox, **options)
+        await self._send(request)
+        return request.request_id
+
+    async def infer(self, model_id: str, values: Any, **options: Any) -> dict[str, Any]:
+        """Submit one request and wait for its reply (see ``submit`` for the options)."""
+        request = self.core.build(model_id, values, reply_to=self.inbox, **options)
+        await self._send(request)
+        return await self.result(request.request_id, request.wait_s)
+
+    async def result(
+        self, request_id: str, timeout_s: float = DEFAULT_TIMEOUT_S + REPLY_GRACE_S
+    ) -> dict[str, Any]:
+        """Wait for a request's reply; raise ``ReplyError`` or ``RequestTimeout``."""
+        waiter = self._waiters.get(request_id)
+        if waiter is None:
+            return await self._result_from_key(request_id, timeout_s)
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply for request {request_id} within {timeout_s} s"
+            ) from None
+        self._waiters.pop(request_id, None)
+        return self.core.check(reply)
+
+    async def poll(self, request_id: str) -> dict[str, Any] | None:
+        """Return the reply if it is there, else None."""
+        waiter = self._waiters.get(request_id)
+        if waiter is not None:
+            if not waiter.done():
+                return None
+            self._waiters.pop(request_id, None)
+            return self.core.check(waiter.result())
+        raw = await self.redis.lindex(self.core.reply_key(request_id), 0)  # type: ignore[misc]
+        return None if raw is None else self.core.check(self.core.decode_reply(raw))
+
+    async def _result_from_key(self, request_id: str, timeout_s: float) -> dict[str, Any]:
+        """Wait on the request's own reply key (for ids this client did not submit)."""
+        key = self.core.reply_key(request_id)
+        popped = await self.redis.blpop([key], timeout=timeout_s)  # type: ignore[misc]
+        if popped is None:
+            raise RequestTimeout(f"no reply for request {request_id} within {timeout_s} s")
+        return self.core.check(self.core.decode_reply(popped[1]))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted by this client whose reply has not been collected."""
+        return len(self._waiters)
+
+    async def close(self) -> None:
+        """Stop the background tasks, fail outstanding waits and delete the inbox."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(BalesError("client closed before the reply arrived"))
+        with contextlib.suppress(RedisError):
+            await self.redis.delete(self.inbox)
+        await self.redis.aclose()
+
+    def _ensure_started(self) -> None:
+        if self._closed:
+            raise BalesError("client is closed")
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._write_loop(), name="bales-client-writer"),
+                asyncio.create_task(self._inbox_loop(), name="bales-client-inbox"),
+            ]
+
+    async def _send(self, request: OutgoingRequest) -> None:
+        self._ensure_started()
+        loop = asyncio.get_running_loop()
+        self._waiters[request.request_id] = loop.create_future()
+        sent: asyncio.Future[None] = loop.create_future()
+        self._outbox.append((request, sent))
+        self._outbox_ready.set()
+        try:
+            await sent
+        except BaseException:
+            self._waiters.pop(request.request_id, None)
+            raise
+
+    async def _write_loop(self) -> None:
+        """Send every queued request in one pipeline per wake-up."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for request, _ in batch:
+                        pipe.xadd(request.stream, request.fields)  # type: ignore[arg-type]
+                    await pipe.execute()
+            except RedisError as exc:
+                for _, sent in batch:
+                    if not sent.done():
+                        sent.set_exception(exc)
+                continue
+            for _, sent in batch:
+                if not sent.done():
+                    sent.set_result(None)
+
+    async def _inbox_loop(self) -> None:
+        """Drain the inbox and resolve the matching waiters."""
+        while True:
+            try:
+                popped = await self.redis.execute_command(
+                    "BLMPOP", INBOX_BLOCK_S, 1, self.inbox, "LEFT", "COUNT", INBOX_POP_COUNT
+                )
+            except RedisError as exc:
+                log.warning("reading reply inbox %s failed (%s); retrying", self.inbox, exc)
+                await asyncio.sleep(RETRY_BACKOFF_S)
+                continue
+            if popped:
+                self._deliver(popped[1])
+
+    def _deliver(self, documents: list[bytes]) -> None:
+        for raw in documents:
+            reply = self.core.decode_reply(raw)
+            waiter = self._waiters.get(str(reply.get("request_id")))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(reply)

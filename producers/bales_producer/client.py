@@ -1,0 +1,80 @@
+"""The synchronous producer client: a thin shell over ``ClientCore`` and redis-py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from . import wire
+from .core import DEFAULT_TIMEOUT_S, REPLY_GRACE_S, ClientCore
+from .errors import RequestTimeout
+
+
+class Client:
+    """Send inference requests to bales-stream and wait for their replies.
+
+    >>> client = Client("redis://localhost:6379/0")
+    >>> reply = client.infer("stub_v1", [0.0] * 128)
+    >>> reply["result"]["label"]
+    """
+
+    def __init__(
+        self,
+        redis_url: str = "redis://localhost:6379/0",
+        *,
+        prefix: str = wire.DEFAULT_PREFIX,
+        queue: str = wire.DEFAULT_QUEUE,
+        priority_levels: int = wire.DEFAULT_PRIORITY_LEVELS,
+        redis_client: redis.Redis | None = None,
+    ) -> None:
+        self.core = ClientCore(wire.KeySpace(prefix, queue, priority_levels))
+        # socket_timeout=None: blocking reads carry their own timeout, and redis-py's 5 s
+        # default would cut a long BLPOP short.
+        self.redis = redis_client or redis.Redis.from_url(redis_url, socket_timeout=None)
+
+    def submit(self, model_id: str, values: Any, **options: Any) -> str:
+        """Enqueue one request and return its request_id.
+
+        Options: ``priority`` (0 is highest, default 1), ``timeout_s`` (default 5),
+        ``request_id``, ``model_type``.
+        """
+        request = self.core.build(model_id, values, **options)
+        self.redis.xadd(request.stream, request.fields)  # type: ignore[arg-type]
+        return request.request_id
+
+    def result(
+        self, request_id: str, timeout_s: float = DEFAULT_TIMEOUT_S + REPLY_GRACE_S
+    ) -> dict[str, Any]:
+        """Wait for a request's reply and return it (consumes the reply key).
+
+        Raises ``ReplyError`` (typed by code) for an error reply and ``RequestTimeout``
+        when nothing arrives within ``timeout_s``.
+        """
+        popped = self.redis.blpop([self.core.reply_key(request_id)], timeout=timeout_s)
+        if popped is None:
+            raise RequestTimeout(f"no reply for request {request_id} within {timeout_s} s")
+        return self.core.check(self.core.decode_reply(popped[1]))  # type: ignore[index]
+
+    def poll(self, request_id: str) -> dict[str, Any] | None:
+        """Return the reply if it is there, else None (does not consume it)."""
+        raw = self.redis.lindex(self.core.reply_key(request_id), 0)
+        if raw is None:
+            return None
+        return self.core.check(self.core.decode_reply(raw))  # type: ignore[arg-type]
+
+    def infer(self, model_id: str, values: Any, **options: Any) -> dict[str, Any]:
+        """Submit one request and wait for its reply (see ``submit`` for the options)."""
+        request = self.core.build(model_id, values, **options)
+        self.redis.xadd(request.stream, request.fields)  # type: ignore[arg-type]
+        return self.result(request.request_id, request.wait_s)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

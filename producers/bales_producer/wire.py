@@ -1,0 +1,109 @@
+"""The bales-stream wire format, v1: every Redis key name and entry field in one place.
+
+This module is the single source of truth for the public contract documented in
+docs/wire-format.md. Both the service (``bales_stream``) and the producer library
+import it; it does no I/O and needs neither torch nor numpy.
+
+Keys (prefix ``bales`` and queue ``requests`` by default)::
+
+    bales:{requests}:p0 .. p<N-1>   request streams, p0 = highest priority
+    bales:{requests}:dead           dead-letter stream
+    bales:reply:<request_id>        reply LIST holding one JSON document, with a TTL
+    bales:inbox:<name>              optional per-client reply inbox (field ``reply_to``)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+WIRE_VERSION = 1
+
+# Entry fields of a request.
+FIELD_REQUEST_ID = "request_id"
+FIELD_MODEL_ID = "model_id"
+FIELD_INPUT = "input"
+FIELD_ENCODING = "encoding"
+FIELD_MODEL_TYPE = "model_type"
+FIELD_TIMEOUT_MS = "timeout_ms"
+FIELD_REPLY_TO = "reply_to"
+
+ENCODING_JSON = "json"
+ENCODING_F32 = "f32"
+ENCODINGS = (ENCODING_JSON, ENCODING_F32)
+
+# Reply statuses and error codes.
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+ERROR_INVALID_REQUEST = "invalid_request"
+ERROR_UNKNOWN_MODEL = "unknown_model"
+ERROR_EXPIRED = "expired"
+ERROR_INTERNAL = "internal"
+ERROR_CODES = (ERROR_INVALID_REQUEST, ERROR_UNKNOWN_MODEL, ERROR_EXPIRED, ERROR_INTERNAL)
+
+REQUEST_ID_MAX_CHARS = 128
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""Allowed request ids (and inbox names): 1-128 chars of ``[A-Za-z0-9._:-]``."""
+
+DEFAULT_PREFIX = "bales"
+DEFAULT_QUEUE = "requests"
+DEFAULT_PRIORITY_LEVELS = 3
+
+
+def is_valid_request_id(value: str) -> bool:
+    """True when ``value`` is a usable request id (1-128 chars of ``[A-Za-z0-9._:-]``)."""
+    return REQUEST_ID_PATTERN.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """Names of every Redis key bales-stream uses, for one prefix and queue name."""
+
+    prefix: str = DEFAULT_PREFIX
+    queue: str = DEFAULT_QUEUE
+    priority_levels: int = DEFAULT_PRIORITY_LEVELS
+
+    def __post_init__(self) -> None:
+        if self.priority_levels < 1:
+            raise ValueError(f"priority_levels must be >= 1, got {self.priority_levels}")
+
+    @property
+    def hash_tag(self) -> str:
+        """The Redis Cluster hash tag shared by all request streams: ``{requests}``."""
+        return "{" + self.queue + "}"
+
+    def stream(self, priority: int) -> str:
+        """The request stream of one priority level (0 is the highest)."""
+        if not 0 <= priority < self.priority_levels:
+            raise ValueError(
+                f"priority must be 0..{self.priority_levels - 1} (0 is highest), got {priority}"
+            )
+        return f"{self.prefix}:{self.hash_tag}:p{priority}"
+
+    @property
+    def streams(self) -> list[str]:
+        """All request streams, highest priority first."""
+        return [self.stream(p) for p in range(self.priority_levels)]
+
+    @property
+    def dead_letter(self) -> str:
+        """The dead-letter stream for entries that cannot be answered."""
+        return f"{self.prefix}:{self.hash_tag}:dead"
+
+    def reply(self, request_id: str) -> str:
+        """The reply LIST of one request."""
+        return f"{self.prefix}:reply:{request_id}"
+
+    def inbox(self, name: str) -> str:
+        """A client's reply inbox LIST (used through the ``reply_to`` field)."""
+        return f"{self.prefix}:inbox:{name}"
+
+    @property
+    def inbox_prefix(self) -> str:
+        """What every valid ``reply_to`` value starts with."""
+        return f"{self.prefix}:inbox:"
+
+    def is_valid_inbox(self, key: str) -> bool:
+        """True when ``key`` names an inbox of this key space with a valid name."""
+        prefix = self.inbox_prefix
+        return key.startswith(prefix) and is_valid_request_id(key[len(prefix) :])
