@@ -23,19 +23,23 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 DEMO_REQUESTS = 3
+DEFAULT_PROBE = ("localhost", 6379)
 
 
-async def _redis_url(settings: Settings) -> tuple[str, RedisServer | None]:
-    """REDIS_URL, or an embedded redis-server when it is unset and localhost:6379 is silent."""
+async def resolve_redis_url(
+    settings: Settings, probe: tuple[str, int] = DEFAULT_PROBE
+) -> tuple[str, RedisServer | None]:
+    """REDIS_URL, or an embedded redis-server when it is unset and ``probe`` is silent."""
     url = settings.redis_url.get_secret_value()
     if settings.redis_url_is_explicit or url != DEFAULT_REDIS_URL:
         return url, None
-    if await asyncio.to_thread(is_listening, "localhost", 6379):
+    if await asyncio.to_thread(is_listening, *probe):
         return url, None
     server = await asyncio.to_thread(RedisServer().start)
     log.warning(
-        "REDIS_URL is not set and nothing answers on localhost:6379: started %s on %s "
+        "REDIS_URL is not set and nothing answers on %s:%d: started %s on %s "
         "(an embedded Redis for trying things out; nothing is persisted)",
+        *probe,
         server.binary,
         server.url,
     )
@@ -44,7 +48,7 @@ async def _redis_url(settings: Settings) -> tuple[str, RedisServer | None]:
 
 async def run_service(settings: Settings, *, demo: bool = False) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully."""
-    url, embedded = await _redis_url(settings)
+    url, embedded = await resolve_redis_url(settings)
     redis = aioredis.Redis.from_url(url, socket_timeout=None)
     worker = Worker(settings, redis, Metrics())
     sidecar = Sidecar(worker, settings.host, settings.port)

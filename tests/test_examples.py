@@ -1,0 +1,70 @@
+"""The any-language examples, run for real against a running service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+EXAMPLES = ROOT / "producers" / "examples"
+
+
+async def run(command: list[str], env: dict[str, str], cwd: Path = ROOT) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    return process.returncode or 0, stdout.decode(), stderr.decode()
+
+
+def port_of(url: str) -> str:
+    return url.rsplit(":", 1)[1].split("/")[0]
+
+
+async def test_the_redis_cli_example_gets_a_reply(service, redis_url, prefix) -> None:
+    code, out, err = await run(
+        ["sh", str(EXAMPLES / "redis-cli.sh")],
+        {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": port_of(redis_url), "BALES_PREFIX": prefix},
+    )
+    assert code == 0, err
+    reply = json.loads(out)
+    assert reply["status"] == "ok" and reply["model_id"] == "stub_v1"
+    assert reply["request_id"].startswith("cli-")
+
+
+async def test_the_nodejs_example_gets_replies_for_json_and_f32(service, redis_url, prefix) -> None:
+    node_dir = EXAMPLES / "node"
+    if shutil.which("node") is None or not (node_dir / "node_modules").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("Node.js or the example's node_modules missing (make node-deps)")
+        pytest.skip("Node.js or node_modules missing: run `make node-deps`")
+    code, out, err = await run(
+        ["node", "send.mjs"], {"REDIS_URL": redis_url, "BALES_PREFIX": prefix}, cwd=node_dir
+    )
+    assert code == 0, err
+    replies = [json.loads(line) for line in out.splitlines()]
+    assert [r["status"] for r in replies] == ["ok", "ok"]
+    assert [r["priority"] for r in replies] == [0, 1]
+    # the same values sent as JSON and as f32 give the same answer
+    assert replies[0]["result"]["label"] == replies[1]["result"]["label"]
+
+
+async def test_the_python_example_runs(service, redis_url, prefix) -> None:
+    code, out, err = await run(
+        [sys.executable, str(EXAMPLES / "python_example.py")],
+        {"REDIS_URL": redis_url, "BALES_PREFIX": prefix},
+    )
+    assert code == 0, err
+    assert "sync error: InvalidRequest input has 2 values; stub_v1 expects 128" in out
+    assert "async: 1000 replies" in out

@@ -1,0 +1,184 @@
+"""The HTTP sidecar: health, readiness, metrics and hot reload (also under traffic)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from bales_producer import AsyncClient
+
+from bales_stream.metrics import Metrics
+from bales_stream.models import load_stub_file
+from bales_stream.sidecar import Sidecar
+from bales_stream.worker import Worker
+
+from .conftest import ROOT, wait_for
+
+
+async def get(url: str) -> tuple[int, dict | str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        if response.content_type == "application/json":
+            return response.status, await response.json()
+        return response.status, await response.text()
+
+
+async def post(url: str, body: object, token: str | None = None) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers) as response,
+    ):
+        return response.status, await response.json()
+
+
+@pytest.fixture
+def weights_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "weights"
+    directory.mkdir()
+    for name in ("stub_v1.pt", "stub_v2.pt"):
+        shutil.copy(ROOT / "weights" / name, directory / name)
+    (directory / "junk.pt").write_bytes(b"this is not a weights file")
+    (tmp_path / "outside.pt").write_bytes((directory / "stub_v2.pt").read_bytes())
+    (directory / "escape.pt").symlink_to(tmp_path / "outside.pt")
+    return directory
+
+
+async def test_health_reports_models_queues_and_identity(service) -> None:
+    status, body = await get(service.base_url + "/health")
+    assert status == 200
+    assert body["status"] == "ok" and body["ready"] is True
+    assert body["consumer"] == service.settings.consumer_name and body["group"] == "bales"
+    assert body["redis"]["reachable"] is True
+    assert body["models"]["stub_v1"]["version"].startswith("stub_v1-")
+    assert [q["priority"] for q in body["queues"]] == [0, 1, 2]
+    assert all({"length", "lag", "pending", "stream"} <= set(q) for q in body["queues"])
+
+
+async def test_ready_is_503_until_the_worker_has_started(make_settings, redis_url) -> None:
+    settings = make_settings()
+    client = aioredis.Redis.from_url(redis_url)
+    worker = Worker(settings, client, Metrics())
+    sidecar = Sidecar(worker, "127.0.0.1", 0)
+    await sidecar.start()
+    base = f"http://127.0.0.1:{sidecar.port}"
+    try:
+        status, body = await get(base + "/ready")
+        assert status == 503 and "models not loaded" in body["reasons"]
+        await worker.start()
+        assert (await get(base + "/ready"))[0] == 200
+        await worker.stop()
+        status, body = await get(base + "/ready")
+        assert status == 503 and "shutting down" in body["reasons"]
+    finally:
+        await sidecar.stop()
+        await client.aclose()
+
+
+async def test_metrics_expose_the_required_series(service, redis_url, prefix) -> None:
+    async with AsyncClient(redis_url, prefix=prefix) as client:
+        await client.infer("stub_v1", [0.0] * 128)
+    status, text = await get(service.base_url + "/metrics")
+    assert status == 200
+    assert 'bales_requests_total{model_id="stub_v1",status="ok"} 1.0' in text
+    for name in (
+        "bales_request_latency_seconds_bucket",
+        "bales_batch_size_bucket",
+        'bales_queue_depth{priority="0"}',
+        'bales_pending{priority="2"}',
+    ):
+        assert name in text
+
+
+async def test_metrics_can_be_disabled(service_factory) -> None:
+    async with service_factory(enable_prometheus=False) as svc:
+        assert (await get(svc.base_url + "/metrics"))[0] == 404
+
+
+async def test_reload_swaps_the_version_and_replies_carry_it(
+    service_factory, weights_dir, redis_url, prefix
+) -> None:
+    async with service_factory(weights_dir=weights_dir) as svc:
+        status, body = await post(
+            svc.base_url + "/models/stub_v1/reload", {"weights_path": "stub_v2.pt"}
+        )
+        assert status == 200 and body["version"].startswith("stub_v2-")
+        async with AsyncClient(redis_url, prefix=prefix) as client:
+            reply = await client.infer("stub_v1", [0.3] * 128)
+        assert reply["model_version"] == body["version"]
+        health = (await get(svc.base_url + "/health"))[1]
+        assert health["models"]["stub_v1"]["version"] == body["version"]
+
+
+@pytest.mark.parametrize(
+    ("model_id", "body", "status", "words"),
+    [
+        ("stub_v1", {"weights_path": "../outside.pt"}, 400, "outside WEIGHTS_DIR"),
+        ("stub_v1", {"weights_path": "/etc/passwd"}, 400, "outside WEIGHTS_DIR"),
+        ("stub_v1", {"weights_path": "escape.pt"}, 400, "outside WEIGHTS_DIR"),
+        ("stub_v1", {"weights_path": "missing.pt"}, 404, "does not exist"),
+        ("stub_v1", {"weights_path": "junk.pt"}, 400, "does not load"),
+        ("stub_v1", {"path": "stub_v2.pt"}, 400, "weights_path"),
+        ("nope", {"weights_path": "stub_v2.pt"}, 404, "not served"),
+    ],
+)
+async def test_bad_reloads_are_refused_and_the_old_model_stays(
+    service_factory, weights_dir, model_id, body, status, words
+) -> None:
+    async with service_factory(weights_dir=weights_dir) as svc:
+        before = svc.worker.registry.get("stub_v1").version
+        got_status, got = await post(svc.base_url + f"/models/{model_id}/reload", body)
+        assert got_status == status
+        assert words in got["error"]
+        assert svc.worker.registry.get("stub_v1").version == before
+
+
+async def test_reload_requires_the_token_when_one_is_set(service_factory, weights_dir) -> None:
+    async with service_factory(weights_dir=weights_dir, sidecar_token="s3cret") as svc:
+        url = svc.base_url + "/models/stub_v1/reload"
+        assert (await post(url, {"weights_path": "stub_v2.pt"}))[0] == 401
+        assert (await post(url, {"weights_path": "stub_v2.pt"}, token="wrong"))[0] == 401
+        assert (await post(url, {"weights_path": "stub_v2.pt"}, token="s3cret"))[0] == 200
+        assert "s3cret" not in repr(svc.settings)
+
+
+async def test_reload_under_traffic_loses_nothing_and_switches_versions(
+    service_factory, weights_dir, redis_url, prefix
+) -> None:
+    rng = np.random.default_rng(1)
+    inputs = rng.standard_normal((3000, 128)).astype(np.float32)
+    expected = {}
+    for name in ("stub_v1", "stub_v2"):
+        model = load_stub_file("stub_v1", weights_dir / f"{name}.pt")
+        expected[model.version] = [r["label"] for r in model.predict(inputs)]
+    async with (
+        service_factory(weights_dir=weights_dir) as svc,
+        AsyncClient(redis_url, prefix=prefix) as client,
+    ):
+        replies: list[dict] = []
+
+        async def traffic() -> None:
+            for start in range(0, len(inputs), 100):
+                chunk = range(start, start + 100)
+                replies.extend(
+                    await asyncio.gather(
+                        *(client.infer("stub_v1", inputs[i], timeout_s=30) for i in chunk)
+                    )
+                )
+
+        sender = asyncio.create_task(traffic())
+        url = svc.base_url + "/models/stub_v1/reload"
+        for after_replies, target in ((1000, "stub_v2.pt"), (2000, "stub_v1.pt")):
+            await wait_for(lambda n=after_replies: len(replies) >= n or sender.done())
+            assert (await post(url, {"weights_path": target}))[0] == 200
+        await sender
+    assert len(replies) == len(inputs)
+    assert all(r["status"] == "ok" for r in replies)
+    versions = [r["model_version"] for r in replies]
+    assert {v.split("-")[0] for v in versions} == {"stub_v1", "stub_v2"}
+    for i, reply in enumerate(replies):
+        assert reply["result"]["label"] == expected[reply["model_version"]][i]
