@@ -48,6 +48,30 @@ return stale
 """
 
 
+# Prioritised read: KEYS are the request streams, highest priority first.
+# ARGV: group, consumer, count, share. Every lower level first gets up to `share` entries (so a
+# flood of p0 cannot starve it), then the rest of `count` is filled strictly by priority.
+_READ_LUA = """
+local group, consumer = ARGV[1], ARGV[2]
+local count, share = tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, got = {}, 0
+local function take(level, n)
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n,
+                       'STREAMS', KEYS[level], '>')
+  if r then
+    out[#out + 1] = {level - 1, r[1][2]}
+    got = got + #r[1][2]
+  end
+end
+for level = 2, #KEYS do take(level, share) end
+for level = 1, #KEYS do
+  if got >= count then break end
+  take(level, count - got)
+end
+return out
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
     """One entry read from a request stream (``fields`` is None for a deleted entry)."""
@@ -69,6 +93,11 @@ class QueueStats:
     """Entries delivered but not yet acked."""
 
 
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A flat ``[field, value, ...]`` list (as Lua returns it) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class StreamStore:
     """The request streams of one key space, seen by one consumer of one group."""
 
@@ -87,6 +116,7 @@ class StreamStore:
         self.reply_ttl_s = reply_ttl_s
         self._priority_of = {key.encode(): p for p, key in enumerate(keys.streams)}
         self._complete = redis.register_script(_COMPLETE_LUA)
+        self._read = redis.register_script(_READ_LUA)
 
     async def ensure_groups(self) -> None:
         """Create the consumer group on every priority stream (MKSTREAM) unless it exists."""
@@ -97,17 +127,28 @@ class StreamStore:
                 if not str(exc).startswith("BUSYGROUP"):
                     raise
 
-    async def read(self, count: int, block_ms: int) -> list[StreamEntry]:
-        """XREADGROUP new entries from every priority stream, waiting up to ``block_ms``."""
+    async def read(self, count: int, share: int, block_ms: int) -> list[StreamEntry]:
+        """Read up to ``count`` new entries by the priority rule (see ``_READ_LUA``) in one
+        round trip; when there are none, block up to ``block_ms`` on every stream at once."""
+        response = await self._read(
+            keys=self.keys.streams, args=[self.group, self.consumer, count, share]
+        )
+        entries = [
+            StreamEntry(priority, entry_id.decode(), _pairs(flat))
+            for priority, items in response
+            for entry_id, flat in items
+        ]
+        if entries:
+            return entries
         streams = dict.fromkeys(self.keys.streams, ">")
-        response = await self.redis.xreadgroup(
+        blocked = await self.redis.xreadgroup(
             self.group,
             self.consumer,
             streams,
             count=count,
             block=block_ms,  # type: ignore[arg-type]
         )
-        return self._entries(response)
+        return self._entries(blocked)
 
     async def read_own_pending(self, after: dict[int, str], count: int) -> list[StreamEntry]:
         """Our own pending entries (delivered to us, never acked) after the given IDs, per

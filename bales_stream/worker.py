@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0
+LOWER_PRIORITY_SHARE_DIVISOR = 8
+"""Each read reserves 1/8 of its entries for every lower priority level (see streams)."""
 
 
 @dataclass
@@ -75,7 +77,10 @@ class Worker:
             settings.max_batch_size, settings.batch_window_ms, settings.priority_aging_ms
         )
         self.limits = Limits(round(settings.batcher_timeout_s * 1000), settings.max_input_bytes)
-        self.read_count = settings.max_batch_size
+        # Larger reads under backlog pay (fewer round trips); the buffer bound keeps the
+        # priority decision close to the model and the memory use small.
+        self.read_count = 2 * settings.max_batch_size
+        self.read_share = max(1, self.read_count // LOWER_PRIORITY_SHARE_DIVISOR)
         self.buffer_limit = 2 * settings.max_batch_size
         self._slots = asyncio.Semaphore(settings.thread_pool_size)
         self._stopping = asyncio.Event()
@@ -131,7 +136,9 @@ class Worker:
                 if not own_pending_answered:
                     await self._answer_own_pending()
                     own_pending_answered = True
-                entries = await self.streams.read(self.read_count, self.settings.read_block_ms)
+                entries = await self.streams.read(
+                    self.read_count, self.read_share, self.settings.read_block_ms
+                )
                 await self._admit(entries)
             except RedisError as exc:
                 await self._on_redis_error(exc, backoff_s)

@@ -80,12 +80,14 @@ class AsyncClient:
         if waiter is None:
             return await self._result_from_key(request_id, timeout_s)
         try:
-            reply = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                reply = await waiter
         except TimeoutError:
             raise RequestTimeout(
                 f"no reply for request {request_id} within {timeout_s} s"
             ) from None
-        self._waiters.pop(request_id, None)
+        finally:
+            self._waiters.pop(request_id, None)
         return self.core.check(reply)
 
     async def poll(self, request_id: str) -> dict[str, Any] | None:

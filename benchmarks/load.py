@@ -1,0 +1,272 @@
+"""Full-stack load through Redis: producer -> streams -> consumers -> reply keys.
+
+Starts its own redis-server (or uses ``--redis-url``) and ``--consumers`` consumer processes
+(``python consumer.py``), then drives them with the ``AsyncClient`` from this process:
+
+* ``--mode saturate``: ``--in-flight`` requests outstanding at all times, for ``--duration-s``;
+* ``--mode open``: a fixed ``--rate`` (req/s); latency counts from each request's INTENDED send
+  time, so a stalled producer or queue cannot hide its delay (no coordinated omission).
+
+Prints throughput, p50/p90/p99/p99.9 per priority, average batch size, errors, and CPU
+seconds per request of the producer, the consumers and redis-server.
+Run: ``python -m benchmarks.load --mode saturate --consumers 2 --payload f32``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+from bales_producer import AsyncClient, BalesError
+
+from bales_stream.embedded_redis import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOCK_TICKS_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_S
+
+
+@dataclass
+class Results:
+    latencies_ms: dict[int, list[float]] = field(default_factory=lambda: {0: [], 1: [], 2: []})
+    batch_sizes: list[int] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def record(self, priority: int, latency_ms: float, reply: dict) -> None:
+        self.latencies_ms[priority].append(latency_ms)
+        self.batch_sizes.append(reply["batch_size"])
+
+    def fail(self, exc: BaseException) -> None:
+        name = getattr(exc, "code", None) or type(exc).__name__
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.latencies_ms.values())
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    array = np.asarray(values)
+    return {f"p{q}": float(np.percentile(array, q)) for q in (50, 90, 99, 99.9)}
+
+
+class Consumers:
+    """N consumer processes, each with its own sidecar port."""
+
+    def __init__(self, count: int, redis_url: str, prefix: str, env: dict[str, str]) -> None:
+        self.ports = [free_port() for _ in range(count)]
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "KEY_PREFIX": prefix,
+            "LOG_LEVEL": "warning",
+            **env,
+        }
+        self.processes: list[asyncio.subprocess.Process] = []
+
+    async def start(self) -> None:
+        for port in self.ports:
+            self.processes.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "consumer.py", cwd=ROOT, env={**self.env, "PORT": str(port)}
+                )
+            )
+        async with aiohttp.ClientSession() as session:
+            for port in self.ports:
+                await self._wait_ready(session, port)
+
+    @staticmethod
+    async def _wait_ready(session: aiohttp.ClientSession, port: int) -> None:
+        async with asyncio.timeout(60):
+            while True:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/ready") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+
+    def cpu_s(self) -> float:
+        return sum(cpu_seconds(p.pid) for p in self.processes)
+
+    async def stop(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            await process.wait()
+
+
+def make_inputs(count: int, payload: str) -> list:
+    array = np.random.default_rng(0).standard_normal((count, 128)).astype(np.float32)
+    return list(array) if payload == "f32" else array.tolist()
+
+
+def pick_priority(mix: list[float]) -> int:
+    return random.choices(range(len(mix)), weights=mix)[0]
+
+
+async def saturate(client: AsyncClient, args: argparse.Namespace, results: Results) -> None:
+    inputs = make_inputs(1024, args.payload)
+    deadline_s = time.perf_counter() + args.duration_s
+
+    async def lane(lane_id: int) -> None:
+        i = lane_id
+        while time.perf_counter() < deadline_s:
+            priority = pick_priority(args.mix)
+            started_s = time.perf_counter()
+            try:
+                reply = await client.infer(
+                    "stub_v1", inputs[i % len(inputs)], priority=priority, timeout_s=args.timeout_s
+                )
+                results.record(priority, (time.perf_counter() - started_s) * 1000, reply)
+            except BalesError as exc:
+                results.fail(exc)
+            i += args.in_flight
+
+    await asyncio.gather(*(lane(i) for i in range(args.in_flight)))
+
+
+async def open_loop(client: AsyncClient, args: argparse.Namespace, results: Results) -> None:
+    inputs = make_inputs(1024, args.payload)
+    total = int(args.rate * args.duration_s)
+    start_s = time.perf_counter() + 0.05
+    tasks = []
+
+    async def one(i: int, intended_s: float) -> None:
+        priority = pick_priority(args.mix)
+        try:
+            reply = await client.infer(
+                "stub_v1", inputs[i % len(inputs)], priority=priority, timeout_s=args.timeout_s
+            )
+            results.record(priority, (time.perf_counter() - intended_s) * 1000, reply)
+        except BalesError as exc:
+            results.fail(exc)
+
+    i = 0
+    while i < total:
+        now_s = time.perf_counter()
+        while i < total and start_s + i / args.rate <= now_s:
+            tasks.append(asyncio.create_task(one(i, start_s + i / args.rate)))
+            i += 1
+        await asyncio.sleep(max(0.0, start_s + i / args.rate - time.perf_counter()))
+    await asyncio.gather(*tasks)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    server = None if args.redis_url else RedisServer().start()
+    redis_url = args.redis_url or server.url  # type: ignore[union-attr]
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    env = {"MAX_BATCH_SIZE": str(args.max_batch), "BATCH_WINDOW_MS": str(args.window_ms)}
+    consumers = Consumers(args.consumers, redis_url, prefix, env)
+    await consumers.start()
+    results = Results()
+    try:
+        async with AsyncClient(redis_url, prefix=prefix) as client:
+            await client.infer("stub_v1", make_inputs(1, args.payload)[0])  # warm-up
+            cpu_before = (
+                time.process_time(),
+                consumers.cpu_s(),
+                cpu_seconds(server.process.pid) if server and server.process else 0.0,
+            )
+            started_s = time.perf_counter()
+            await (saturate if args.mode == "saturate" else open_loop)(client, args, results)
+            elapsed_s = time.perf_counter() - started_s
+            cpu_after = (
+                time.process_time(),
+                consumers.cpu_s(),
+                cpu_seconds(server.process.pid) if server and server.process else 0.0,
+            )
+    finally:
+        await consumers.stop()
+        if server:
+            server.stop()
+    done = max(results.count, 1)
+    cpu_us = [
+        (after - before) / done * 1e6 for before, after in zip(cpu_before, cpu_after, strict=True)
+    ]
+    return {
+        "mode": args.mode,
+        "payload": args.payload,
+        "consumers": args.consumers,
+        "rate": args.rate if args.mode == "open" else None,
+        "requests": results.count,
+        "elapsed_s": elapsed_s,
+        "throughput": results.count / elapsed_s,
+        "latency_ms": {f"p{p}": percentiles(v) for p, v in results.latencies_ms.items() if v},
+        "latency_ms_all": percentiles([x for v in results.latencies_ms.values() for x in v]),
+        "avg_batch": float(np.mean(results.batch_sizes)) if results.batch_sizes else 0.0,
+        "errors": results.errors,
+        "cpu_us_per_request": {
+            "producer": cpu_us[0],
+            "consumers": cpu_us[1],
+            "redis": cpu_us[2] if server else None,
+        },
+    }
+
+
+def print_report(result: dict) -> None:
+    print(
+        f"=== load: {result['mode']} {result['payload']}, {result['consumers']} consumer(s)"
+        + (f", {result['rate']:,} req/s offered" if result["rate"] else "")
+        + " ==="
+    )
+    print(
+        f"requests {result['requests']:,} in {result['elapsed_s']:.2f} s = "
+        f"{result['throughput']:,.0f} req/s; avg batch {result['avg_batch']:.1f}; "
+        f"errors {sum(result['errors'].values())} {result['errors'] or ''}"
+    )
+    for name, stats in [("all", result["latency_ms_all"]), *result["latency_ms"].items()]:
+        cells = "  ".join(f"{k} {v:7.2f}" for k, v in stats.items())
+        print(f"  latency ms {name:<4} {cells}")
+    cpu = result["cpu_us_per_request"]
+    print("  CPU us/request: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v is not None))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["saturate", "open"], default="saturate")
+    parser.add_argument("--rate", type=float, default=2000, help="open mode: req/s offered")
+    parser.add_argument("--duration-s", type=float, default=10)
+    parser.add_argument("--payload", choices=["json", "f32"], default="f32")
+    parser.add_argument("--consumers", type=int, default=1)
+    parser.add_argument("--in-flight", type=int, default=1000, help="saturate mode")
+    parser.add_argument(
+        "--mix",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.1, 0.6, 0.3],
+        help="share of p0,p1,p2 (default 0.1,0.6,0.3)",
+    )
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--window-ms", type=float, default=5.0)
+    parser.add_argument("--timeout-s", type=float, default=30)
+    parser.add_argument("--redis-url", help="use this Redis instead of starting one")
+    parser.add_argument("--json-out", type=Path, help="also write the result as JSON here")
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    print_report(result)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
