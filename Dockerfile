@@ -1,0 +1,32 @@
+# bales-stream consumer image: slim Python, non-root user, health check without curl.
+FROM python:3.11-slim
+
+# torch==2.13.0 from the default index is a CUDA build (GBs). Point this at a CPU wheel
+# index for a small image, e.g. --build-arg PIP_EXTRA_INDEX_URL=<your CPU wheel index>.
+ARG PIP_EXTRA_INDEX_URL=""
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL}
+
+RUN useradd --create-home --uid 10001 bales
+WORKDIR /app
+
+COPY pyproject.toml README.md ./
+COPY producers/ producers/
+COPY bales_stream/ bales_stream/
+COPY consumer.py ./
+COPY weights/ weights/
+RUN pip install torch==2.13.0 && pip install . && rm -rf /root/.cache
+
+USER bales
+# In the container the sidecar must be reachable by the orchestrator's probes and
+# Prometheus: bind all interfaces, and set SIDECAR_TOKEN to protect reload.
+ENV HOST=0.0.0.0 \
+    PORT=8000 \
+    WEIGHTS_DIR=/app/weights
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2).status == 200 else 1)"]
+STOPSIGNAL SIGTERM
+CMD ["bales-stream", "serve"]

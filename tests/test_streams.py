@@ -1,0 +1,95 @@
+"""Redis access: group creation, the prioritised read, fenced completion, dead letters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis.asyncio as aioredis
+from bales_producer import KeySpace
+from redis.exceptions import ResponseError
+
+from bales_stream.replies import Completion
+from bales_stream.streams import StreamStore
+
+
+@pytest.fixture
+async def store(aredis: aioredis.Redis, keys: KeySpace) -> StreamStore:
+    store = StreamStore(aredis, keys, "bales", "me", reply_ttl_s=60)
+    await store.ensure_groups()
+    return store
+
+
+async def fill(aredis: aioredis.Redis, keys: KeySpace, priority: int, count: int) -> None:
+    async with aredis.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            pipe.xadd(keys.stream(priority), {"request_id": f"p{priority}-{i}"})
+        await pipe.execute()
+
+
+def completion(priority: int, entry_id: str, request_id: str, reply_to: str | None = None):
+    document = json.dumps({"request_id": request_id, "status": "ok"}).encode()
+    return Completion(priority, entry_id, request_id, document, reply_to)
+
+
+async def test_ensure_groups_is_idempotent_and_only_tolerates_busygroup(store, aredis, keys):
+    await store.ensure_groups()
+    groups = await aredis.xinfo_groups(keys.stream(2))
+    assert [g["name"] for g in groups] == [b"bales"]
+    bad = StreamStore(aredis, KeySpace(keys.prefix + "x", "q", 1), "bales", "me", 60)
+    await aredis.set(bad.keys.stream(0), "not a stream")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await bad.ensure_groups()
+
+
+async def test_a_read_fills_by_priority_after_the_lower_share(store, aredis, keys):
+    await fill(aredis, keys, 2, 100)
+    await fill(aredis, keys, 0, 100)
+    entries = await store.read(count=32, share=4, block_ms=100)
+    by_priority = [sum(e.priority == p for e in entries) for p in range(3)]
+    assert by_priority == [28, 0, 4]
+    assert len(await store.read(count=32, share=4, block_ms=100)) == 32
+
+
+async def test_an_idle_read_blocks_then_returns_nothing(store):
+    assert await store.read(count=32, share=4, block_ms=50) == []
+
+
+async def test_completion_writes_once_and_acks(store, aredis, keys):
+    await fill(aredis, keys, 1, 1)
+    [entry] = await store.read(count=8, share=1, block_ms=100)
+    done = completion(1, entry.entry_id, "p1-0", reply_to=keys.inbox("me"))
+    assert await store.complete([done]) == 0
+    assert await aredis.lrange(keys.reply("p1-0"), 0, -1) == [done.document]
+    assert await aredis.lrange(keys.inbox("me"), 0, -1) == [done.document]
+    assert 0 < await aredis.ttl(keys.inbox("me")) <= 60
+    assert (await aredis.xpending(keys.stream(1), "bales"))["pending"] == 0
+    # a second completion of the same entry is stale (no longer pending): nothing written
+    assert await store.complete([done]) == 1
+    assert await aredis.llen(keys.reply("p1-0")) == 1
+
+
+async def test_a_stale_owner_cannot_answer_an_entry_claimed_by_another(store, aredis, keys):
+    await fill(aredis, keys, 0, 1)
+    [entry] = await store.read(count=8, share=1, block_ms=100)
+    await aredis.xclaim(keys.stream(0), "bales", "thief", 0, [entry.entry_id])
+    assert await store.complete([completion(0, entry.entry_id, "p0-0")]) == 1
+    assert await aredis.exists(keys.reply("p0-0")) == 0
+    assert (await aredis.xpending(keys.stream(0), "bales"))["pending"] == 1
+
+
+async def test_an_existing_reply_is_not_overwritten(store, aredis, keys):
+    await fill(aredis, keys, 0, 1)
+    [entry] = await store.read(count=8, share=1, block_ms=100)
+    await aredis.rpush(keys.reply("p0-0"), b"first")
+    assert await store.complete([completion(0, entry.entry_id, "p0-0")]) == 0
+    assert await aredis.lrange(keys.reply("p0-0"), 0, -1) == [b"first"]
+    assert (await aredis.xpending(keys.stream(0), "bales"))["pending"] == 0
+
+
+async def test_queue_stats_report_length_lag_and_pending(store, aredis, keys):
+    await fill(aredis, keys, 2, 10)
+    await store.read(count=3, share=3, block_ms=100)
+    stats = await store.queue_stats()
+    assert (stats[2].length, stats[2].lag, stats[2].pending) == (10, 7, 3)
+    assert (stats[0].length, stats[0].pending) == (0, 0)
