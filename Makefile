@@ -34,6 +34,7 @@ run: install redis  ## run the service with a demo (embedded Redis if none on lo
 test: install redis node-deps  ## lint + the whole test suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy bales_stream producers/bales_producer
 	$(BIN)/pytest -q
 
 test-fast: install redis  ## the suite without the slow tests

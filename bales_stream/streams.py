@@ -117,6 +117,7 @@ class StreamStore:
         self._priority_of = {key.encode(): p for p, key in enumerate(keys.streams)}
         self._complete = redis.register_script(_COMPLETE_LUA)
         self._read = redis.register_script(_READ_LUA)
+        self._backlog = True  # start with the prioritised read: there may be a backlog
 
     async def ensure_groups(self) -> None:
         """Create the consumer group on every priority stream (MKSTREAM) unless it exists."""
@@ -128,38 +129,36 @@ class StreamStore:
                     raise
 
     async def read(self, count: int, share: int, block_ms: int) -> list[StreamEntry]:
-        """Read up to ``count`` new entries by the priority rule (see ``_READ_LUA``) in one
-        round trip; when there are none, block up to ``block_ms`` on every stream at once."""
+        """Read new entries. While the streams have a backlog (the last read came back full),
+        take up to ``count`` by the priority rule in one round trip (``_READ_LUA``); else,
+        or when that finds nothing, block up to ``block_ms`` on every stream at once."""
+        entries = await self._read_prioritised(count, share) if self._backlog else []
+        if not entries:
+            streams: dict[Any, Any] = dict.fromkeys(self.keys.streams, ">")
+            blocked = await self.redis.xreadgroup(
+                self.group, self.consumer, streams, count=count, block=block_ms
+            )
+            entries = self._entries(blocked)
+        self._backlog = len(entries) >= count
+        return entries
+
+    async def _read_prioritised(self, count: int, share: int) -> list[StreamEntry]:
         response = await self._read(
             keys=self.keys.streams, args=[self.group, self.consumer, count, share]
         )
-        entries = [
+        return [
             StreamEntry(priority, entry_id.decode(), _pairs(flat))
             for priority, items in response
             for entry_id, flat in items
         ]
-        if entries:
-            return entries
-        streams = dict.fromkeys(self.keys.streams, ">")
-        blocked = await self.redis.xreadgroup(
-            self.group,
-            self.consumer,
-            streams,
-            count=count,
-            block=block_ms,  # type: ignore[arg-type]
-        )
-        return self._entries(blocked)
 
     async def read_own_pending(self, after: dict[int, str], count: int) -> list[StreamEntry]:
         """Our own pending entries (delivered to us, never acked) after the given IDs, per
         priority; used once at start so a restarted consumer answers what it had taken."""
-        streams = {self.keys.stream(p): after.get(p, "0") for p in range(self.keys.priority_levels)}
-        response = await self.redis.xreadgroup(
-            self.group,
-            self.consumer,
-            streams,
-            count=count,  # type: ignore[arg-type]
-        )
+        streams: dict[Any, Any] = {
+            self.keys.stream(p): after.get(p, "0") for p in range(self.keys.priority_levels)
+        }
+        response = await self.redis.xreadgroup(self.group, self.consumer, streams, count=count)
         return self._entries(response)
 
     def _entries(self, response: Any) -> list[StreamEntry]:

@@ -124,6 +124,18 @@ def pick_priority(mix: list[float]) -> int:
     return random.choices(range(len(mix)), weights=mix)[0]
 
 
+async def send_one(
+    client: AsyncClient, values: object, args: argparse.Namespace, results: Results, since_s: float
+) -> None:
+    """One request; its latency counts from ``since_s`` (its intended send time)."""
+    priority = pick_priority(args.mix)
+    try:
+        reply = await client.infer("stub_v1", values, priority=priority, timeout_s=args.timeout_s)
+        results.record(priority, (time.perf_counter() - since_s) * 1000, reply)
+    except BalesError as exc:
+        results.fail(exc)
+
+
 async def saturate(client: AsyncClient, args: argparse.Namespace, results: Results) -> None:
     inputs = make_inputs(1024, args.payload)
     deadline_s = time.perf_counter() + args.duration_s
@@ -131,15 +143,7 @@ async def saturate(client: AsyncClient, args: argparse.Namespace, results: Resul
     async def lane(lane_id: int) -> None:
         i = lane_id
         while time.perf_counter() < deadline_s:
-            priority = pick_priority(args.mix)
-            started_s = time.perf_counter()
-            try:
-                reply = await client.infer(
-                    "stub_v1", inputs[i % len(inputs)], priority=priority, timeout_s=args.timeout_s
-                )
-                results.record(priority, (time.perf_counter() - started_s) * 1000, reply)
-            except BalesError as exc:
-                results.fail(exc)
+            await send_one(client, inputs[i % len(inputs)], args, results, time.perf_counter())
             i += args.in_flight
 
     await asyncio.gather(*(lane(i) for i in range(args.in_flight)))
@@ -151,21 +155,13 @@ async def open_loop(client: AsyncClient, args: argparse.Namespace, results: Resu
     start_s = time.perf_counter() + 0.05
     tasks = []
 
-    async def one(i: int, intended_s: float) -> None:
-        priority = pick_priority(args.mix)
-        try:
-            reply = await client.infer(
-                "stub_v1", inputs[i % len(inputs)], priority=priority, timeout_s=args.timeout_s
-            )
-            results.record(priority, (time.perf_counter() - intended_s) * 1000, reply)
-        except BalesError as exc:
-            results.fail(exc)
-
     i = 0
     while i < total:
         now_s = time.perf_counter()
         while i < total and start_s + i / args.rate <= now_s:
-            tasks.append(asyncio.create_task(one(i, start_s + i / args.rate)))
+            intended_s = start_s + i / args.rate
+            values = inputs[i % len(inputs)]
+            tasks.append(asyncio.create_task(send_one(client, values, args, results, intended_s)))
             i += 1
         await asyncio.sleep(max(0.0, start_s + i / args.rate - time.perf_counter()))
     await asyncio.gather(*tasks)
@@ -174,7 +170,7 @@ async def open_loop(client: AsyncClient, args: argparse.Namespace, results: Resu
 async def run(args: argparse.Namespace) -> dict:
     server = None if args.redis_url else RedisServer().start()
     redis_url = args.redis_url or server.url  # type: ignore[union-attr]
-    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    prefix = args.prefix or f"bench{uuid.uuid4().hex[:8]}"
     env = {"MAX_BATCH_SIZE": str(args.max_batch), "BATCH_WINDOW_MS": str(args.window_ms)}
     consumers = Consumers(args.consumers, redis_url, prefix, env)
     await consumers.start()
@@ -247,7 +243,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000, help="open mode: req/s offered")
     parser.add_argument("--duration-s", type=float, default=10)
     parser.add_argument("--payload", choices=["json", "f32"], default="f32")
-    parser.add_argument("--consumers", type=int, default=1)
+    parser.add_argument("--consumers", type=int, default=1, help="0: use running consumers")
     parser.add_argument("--in-flight", type=int, default=1000, help="saturate mode")
     parser.add_argument(
         "--mix",
@@ -259,6 +255,11 @@ def main() -> None:
     parser.add_argument("--window-ms", type=float, default=5.0)
     parser.add_argument("--timeout-s", type=float, default=30)
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
+    parser.add_argument(
+        "--prefix",
+        help="key prefix (default: a fresh one); with --consumers 0,"
+        " drive an external service started with this KEY_PREFIX",
+    )
     parser.add_argument("--json-out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args()
     result = asyncio.run(run(args))
