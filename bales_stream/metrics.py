@@ -72,11 +72,26 @@ class Metrics:
             "Replies dropped because the entry was no longer pending for this consumer.",
             registry=self.registry,
         )
+        self.model_failures = Counter(
+            "bales_model_failures",
+            "Model calls that raised (the batch is then split to isolate the culprit).",
+            registry=self.registry,
+        )
+        self.reclaimed = Counter(
+            "bales_reclaimed",
+            "Entries taken over from idle consumers (XAUTOCLAIM).",
+            registry=self.registry,
+        )
         self.redis_errors = Counter(
             "bales_redis_errors",
             "Redis commands that failed (connection lost, timeouts, server errors).",
             registry=self.registry,
         )
+
+    def count(self, model_label: str, status: str, n: int = 1) -> None:
+        """Count ``n`` answered requests (``model_label`` must be a served model or a fixed
+        placeholder: request fields never become label values)."""
+        self.requests.labels(model_label, status).inc(n)
 
     def observe_queues(self, stats: list[QueueStats]) -> None:
         """Update the per-priority depth gauges."""

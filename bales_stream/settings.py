@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     weights_dir: Path = Path("weights")
     sidecar_token: SecretStr | None = None
     shutdown_grace_s: float = Field(30.0, gt=0)
+    claim_idle_ms: int = Field(5000, ge=50)
+    max_deliveries: int = Field(3, ge=1)
+    trim_interval_s: float = Field(5.0, gt=0)
 
     @property
     def keys(self) -> wire.KeySpace:

@@ -72,6 +72,34 @@ return out
 """
 
 
+# Lease refresh, fenced: KEYS[i] is the stream of entry ARGV[i + 2]. Resets the idle time of
+# each entry still pending for this consumer (XCLAIM ... JUSTID does not count a delivery);
+# never takes back an entry another consumer has claimed. Returns how many were lost.
+_LEASE_LUA = """
+local group, consumer = ARGV[1], ARGV[2]
+local lost = 0
+for i = 1, #KEYS do
+  local id = ARGV[i + 2]
+  if #redis.call('XPENDING', KEYS[i], group, id, id, 1, consumer) == 1 then
+    redis.call('XCLAIM', KEYS[i], group, consumer, 0, id, 'JUSTID')
+  else
+    lost = lost + 1
+  end
+end
+return lost
+"""
+
+
+# Forget this consumer only if it has no pending entry on any request stream.
+_FORGET_LUA = """
+for i = 1, #KEYS do
+  if #redis.call('XPENDING', KEYS[i], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+end
+for i = 1, #KEYS do redis.call('XGROUP', 'DELCONSUMER', KEYS[i], ARGV[1], ARGV[2]) end
+return 1
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
     """One entry read from a request stream (``fields`` is None for a deleted entry)."""
@@ -79,6 +107,16 @@ class StreamEntry:
     priority: int
     entry_id: str
     fields: dict[bytes, bytes] | None
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    """What one XAUTOCLAIM call took over."""
+
+    cursor: str
+    entries: list[StreamEntry]
+    deliveries: dict[str, int]
+    """entry id -> times delivered (including this claim)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +129,15 @@ class QueueStats:
     """Entries not yet delivered to the group (None when Redis cannot tell)."""
     pending: int
     """Entries delivered but not yet acked."""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
@@ -117,6 +164,8 @@ class StreamStore:
         self._priority_of = {key.encode(): p for p, key in enumerate(keys.streams)}
         self._complete = redis.register_script(_COMPLETE_LUA)
         self._read = redis.register_script(_READ_LUA)
+        self._lease = redis.register_script(_LEASE_LUA)
+        self._forget = redis.register_script(_FORGET_LUA)
         self._backlog = True  # start with the prioritised read: there may be a backlog
 
     async def ensure_groups(self) -> None:
@@ -174,17 +223,24 @@ class StreamStore:
         still pending for this consumer. Returns how many were stale (not ours any more)."""
         if not completions:
             return 0
+        keys, args = self._completion_call(completions)
+        stale = await self._complete(keys=keys, args=args)
+        return int(stale)
+
+    def _completion_call(self, completions: list[Completion]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
         args: list[Any] = [self.group, self.consumer, self.reply_ttl_s]
         for done in completions:
             reply_key = self.keys.reply(done.request_id)
             keys += [self.keys.stream(done.priority), reply_key, done.reply_to or reply_key]
             args += [done.entry_id, done.document, "1" if done.reply_to else "0"]
-        stale = await self._complete(keys=keys, args=args)
-        return int(stale)
+        return keys, args
 
-    async def dead_letter(self, entry: StreamEntry, reason: str) -> None:
-        """Move an unanswerable entry to the dead-letter stream (with the reason) and ack it."""
+    async def dead_letter(
+        self, entry: StreamEntry, reason: str, reply: Completion | None = None
+    ) -> None:
+        """Move an entry to the dead-letter stream (with the reason) and ack it, in one
+        transaction; with ``reply``, its client's error reply is written in the same step."""
         record: dict[Any, Any] = {
             "reason": reason,
             "stream": self.keys.stream(entry.priority),
@@ -194,8 +250,80 @@ class StreamStore:
             record[b"field:" + name] = value
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.dead_letter, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-            pipe.xack(self.keys.stream(entry.priority), self.group, entry.entry_id)
+            if reply is None:
+                pipe.xack(self.keys.stream(entry.priority), self.group, entry.entry_id)
+            else:
+                keys, args = self._completion_call([reply])
+                await self._complete(keys=keys, args=args, client=pipe)
             await pipe.execute()
+
+    async def refresh_lease(self, held: list[tuple[int, str]]) -> int:
+        """Reset the idle time of entries we hold (priority, entry id) so no other consumer
+        reclaims them while they wait or run. Returns how many are no longer ours."""
+        if not held:
+            return 0
+        keys = [self.keys.stream(priority) for priority, _ in held]
+        lost = await self._lease(
+            keys=keys, args=[self.group, self.consumer, *(entry_id for _, entry_id in held)]
+        )
+        return int(lost)
+
+    async def reclaim(self, priority: int, cursor: str, min_idle_ms: int, count: int) -> Reclaimed:
+        """XAUTOCLAIM entries idle for ``min_idle_ms`` (a dead or stuck consumer's) from
+        ``cursor``; entries deleted meanwhile are dropped from the pending list by Redis."""
+        stream = self.keys.stream(priority)
+        next_cursor, items, *_ = await self.redis.xautoclaim(
+            stream, self.group, self.consumer, min_idle_ms, cursor, count=count
+        )
+        entries = [StreamEntry(priority, i.decode(), f or None) for i, f in items if i]
+        deliveries: dict[str, int] = {}
+        if entries:
+            pending = await self.redis.xpending_range(
+                stream,
+                self.group,
+                entries[0].entry_id,
+                entries[-1].entry_id,
+                len(entries) + 1000,
+                consumername=self.consumer,
+            )
+            deliveries = {
+                _text(p["message_id"]): int(p["times_delivered"])  # type: ignore[call-overload]
+                for p in pending
+            }
+        return Reclaimed(next_cursor.decode(), entries, deliveries)
+
+    async def trim(self) -> int:
+        """XTRIM MINID every request stream below what any group still needs (its oldest
+        pending entry, or what it has not read yet). Never loses an accepted request."""
+        trimmed = 0
+        for stream in self.keys.streams:
+            min_id = await self._needed_from(stream)
+            if min_id is not None:
+                trimmed += await self.redis.xtrim(stream, minid=min_id, approximate=False)
+        return trimmed
+
+    async def _needed_from(self, stream: str) -> str | None:
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except ResponseError:
+            return None  # no such stream yet
+        if not groups:
+            return None
+        needed = []
+        for group in groups:
+            if group["pending"]:
+                summary = await self.redis.xpending(stream, group["name"])
+                needed.append(_parse_id(summary["min"]))
+            else:
+                ms, seq = _parse_id(group["last-delivered-id"])
+                needed.append((ms, seq + 1))
+        ms, seq = min(needed)
+        return f"{ms}-{seq}"
+
+    async def forget_consumer_if_idle(self) -> bool:
+        """Remove this consumer from the group, atomically, only if it holds no pending entry
+        on any stream (after a clean stop), so consumer names do not pile up."""
+        return bool(await self._forget(keys=self.keys.streams, args=[self.group, self.consumer]))
 
     async def queue_stats(self) -> list[QueueStats]:
         """Length, lag and pending count of every priority stream for our group."""

@@ -4,9 +4,11 @@ Two tasks run side by side so that reading overlaps with inference:
 
 * the read loop XREADGROUPs new entries (only while the batcher has room), decodes them,
   answers malformed ones at once, and puts the rest into the batcher;
-* the batch loop takes each ready batch (while an inference slot is free) and processes it:
-  expired requests get an ``expired`` reply, the rest go through the model in one call in
-  the executor, and every reply is written and its entry acked in one fenced step.
+* the batch loop takes each ready batch (while an inference slot is free) and hands it to
+  the ``BatchProcessor``; every reply is then written and its entry acked in one fenced step.
+
+Every entry read stays "held" (leased, see ``recovery``) until it is answered, so nothing a
+live worker holds is reclaimed by another, and nothing a dead worker held is lost.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +27,13 @@ from redis.exceptions import RedisError, ResponseError
 
 from .batcher import Batcher
 from .errors import RequestRejected, Unanswerable
-from .inference import InferenceExecutor, predict_requests
+from .inference import InferenceExecutor
 from .metrics import Metrics
+from .processing import BatchProcessor
 from .protocol import Limits, Request, decode_request, read_envelope
+from .recovery import Recovery
 from .registry import ModelRegistry
-from .replies import Completion, error_completion, ok_completion
+from .replies import Completion, error_completion
 from .settings import Settings
 from .streams import StreamEntry, StreamStore
 
@@ -76,12 +80,17 @@ class Worker:
         self.batcher: Batcher[Request] = Batcher(
             settings.max_batch_size, settings.batch_window_ms, settings.priority_aging_ms
         )
+        self.processor = BatchProcessor(self.registry, self.executor, metrics, self.redis_now_ms)
+        self.recovery = Recovery(
+            self.streams, settings, metrics, self.held, self._admit_reclaimed, self._give_up
+        )
         self.limits = Limits(round(settings.batcher_timeout_s * 1000), settings.max_input_bytes)
         # Larger reads under backlog pay (fewer round trips); the buffer bound keeps the
         # priority decision close to the model and the memory use small.
         self.read_count = 2 * settings.max_batch_size
         self.read_share = max(1, self.read_count // LOWER_PRIORITY_SHARE_DIVISOR)
         self.buffer_limit = 2 * settings.max_batch_size
+        self._held: dict[tuple[int, str], None] = {}
         self._slots = asyncio.Semaphore(settings.thread_pool_size)
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -91,39 +100,53 @@ class Worker:
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the models, join the group, and start the read and batch loops."""
+        """Load the models, join the group, and start the loops."""
         self.executor.start()
         await self.registry.load_default(self.settings.default_model_id)
         self.status.models_loaded = True
         await self._join_group()
+        self.recovery.start()
         self._tasks = [
             asyncio.create_task(self._read_loop(), name="bales-read"),
             asyncio.create_task(self._batch_loop(), name="bales-batch"),
         ]
 
     async def stop(self) -> None:
-        """Stop reading, answer everything already read, and ack it (within the grace)."""
+        """Stop reading, answer and ack everything already read (within SHUTDOWN_GRACE_S);
+        what cannot be finished in time stays pending for another consumer."""
         self.status.stopping = True
         self._stopping.set()
         reader, batch_loop = self._tasks or (None, None)
         try:
             async with asyncio.timeout(self.settings.shutdown_grace_s):
-                if reader is not None:
-                    await reader
-                await _cancel(batch_loop)
-                for batch in self.batcher.take_all():
-                    await self._slots.acquire()
-                    self._spawn(self._process(batch))
-                if self._in_flight:
-                    await asyncio.gather(*self._in_flight, return_exceptions=True)
+                await self._drain(reader, batch_loop)
         except TimeoutError:
             log.warning(
-                "shutdown grace of %s s ran out; unfinished entries stay pending",
+                "shutdown grace of %s s ran out; %d unanswered entries stay pending",
                 self.settings.shutdown_grace_s,
+                len(self._held),
             )
             for task in [reader, batch_loop, *self._in_flight]:
                 await _cancel(task)
+        await self.recovery.stop()
+        if not self._held:
+            with contextlib.suppress(RedisError):
+                await self.streams.forget_consumer_if_idle()
         self.executor.stop()
+
+    async def _drain(self, reader: Any, batch_loop: Any) -> None:
+        if reader is not None:
+            await reader
+        await _cancel(batch_loop)
+        for batch in self.batcher.take_all():
+            await self._slots.acquire()
+            self._spawn(self._process(batch))
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def held(self) -> list[tuple[int, str]]:
+        """(priority, entry id) of every entry read and not yet answered."""
+        return list(self._held)
 
     # ---- the read side ---------------------------------------------------------------
 
@@ -172,15 +195,39 @@ class Worker:
                     envelope, entry.fields or {}, self.registry.spec, self.limits
                 )
             except RequestRejected as exc:
-                self._count(envelope.model_id, exc.code)
+                self.metrics.count(self._model_label(envelope.model_id), exc.code)
                 rejections.append(error_completion(envelope, exc.code, exc.message))
                 continue
+            self._held[(entry.priority, entry.entry_id)] = None
             self.batcher.put(request)
         await self._complete(rejections)
+
+    async def _admit_reclaimed(self, entries: list[StreamEntry]) -> None:
+        fresh = [e for e in entries if (e.priority, e.entry_id) not in self._held]
+        await self._admit(fresh)
 
     async def _dead_letter(self, entry: StreamEntry, reason: str) -> None:
         log.warning("dead-lettering entry %s of p%d: %s", entry.entry_id, entry.priority, reason)
         await self.streams.dead_letter(entry, reason)
+        self.metrics.dead_letters.inc()
+
+    async def _give_up(self, entry: StreamEntry, deliveries: int) -> None:
+        """Dead-letter an entry that failed on every delivery, and tell its client."""
+        reason = (
+            f"failed on {deliveries - 1} deliveries (MAX_DELIVERIES="
+            f"{self.settings.max_deliveries}); moved to {self.settings.keys.dead_letter}"
+        )
+        log.warning("giving up on entry %s of p%d: %s", entry.entry_id, entry.priority, reason)
+        try:
+            envelope = read_envelope(
+                entry.entry_id, entry.fields, entry.priority, self.settings.keys
+            )
+        except Unanswerable:
+            await self.streams.dead_letter(entry, reason)
+        else:
+            reply = error_completion(envelope, wire.ERROR_DEAD_LETTER, reason)
+            await self.streams.dead_letter(entry, reason, reply)
+            self.metrics.count(self._model_label(envelope.model_id), wire.ERROR_DEAD_LETTER)
         self.metrics.dead_letters.inc()
 
     # ---- the batch side --------------------------------------------------------------
@@ -196,49 +243,14 @@ class Worker:
             self._spawn(self._process(batch))
 
     async def _process(self, batch: list[Request]) -> None:
-        """Answer one batch: expired ones without computing, the rest in one model call."""
+        """Compute one batch, then write its replies and ack in one fenced step."""
         try:
-            started_ms = self.redis_now_ms()
-            live = [r for r in batch if r.deadline_ms > started_ms]
-            completions = [_expired(r, started_ms) for r in batch if r.deadline_ms <= started_ms]
-            if completions:
-                self._count(batch[0].model_id, wire.ERROR_EXPIRED, len(completions))
-            if live:
-                completions += await self._infer(live, started_ms)
-            await self._complete(completions)
+            outcome = await self.processor.process(batch)
+            self._release(outcome.failed)  # unleased: reclaimed after CLAIM_IDLE_MS
+            await self._complete(outcome.completions)
+            self._release(batch)
         finally:
             self._slots.release()
-
-    async def _infer(self, requests: list[Request], started_ms: float) -> list[Completion]:
-        model_id = requests[0].model_id
-        model = self.registry.get(model_id)
-        try:
-            if model is None:
-                raise RuntimeError(f"model {model_id} is no longer served")
-            results = await self.executor.run(predict_requests, model, requests)
-        except Exception as exc:
-            log.exception("batch of %d for %s failed", len(requests), model_id)
-            self._count(model_id, wire.ERROR_INTERNAL, len(requests))
-            message = f"the model failed on this request's batch: {type(exc).__name__}: {exc}"
-            return [error_completion(r, wire.ERROR_INTERNAL, message) for r in requests]
-        done_ms = self.redis_now_ms()
-        self._count(model_id, wire.STATUS_OK, len(requests))
-        self.metrics.batch_size.observe(len(requests))
-        completions = []
-        for request, result in zip(requests, results, strict=True):
-            latency_ms = done_ms - request.enqueued_ms
-            self.metrics.latency.labels(str(request.priority)).observe(latency_ms / 1000)
-            completions.append(
-                ok_completion(
-                    request,
-                    model_version=model.version,
-                    result=result,
-                    batch_size=len(requests),
-                    queued_ms=started_ms - request.enqueued_ms,
-                    latency_ms=latency_ms,
-                )
-            )
-        return completions
 
     async def _complete(self, completions: list[Completion]) -> None:
         """Write replies and ack; retried on Redis errors (the script is idempotent)."""
@@ -255,6 +267,10 @@ class Worker:
         if stale:
             log.warning("%d replies dropped: their entries are no longer ours", stale)
             self.metrics.stale_completions.inc(stale)
+
+    def _release(self, requests: Iterable[Request]) -> None:
+        for request in requests:
+            self._held.pop((request.priority, request.entry_id), None)
 
     # ---- helpers ---------------------------------------------------------------------
 
@@ -300,24 +316,14 @@ class Worker:
             with contextlib.suppress(RedisError):
                 await self.streams.ensure_groups()
 
-    def _count(self, model_id: str, status: str, n: int = 1) -> None:
+    def _model_label(self, model_id: str) -> str:
         # Only served model ids become label values: request fields must not grow the series.
-        label = model_id if self.registry.get(model_id) else "_unknown"
-        self.metrics.requests.labels(label, status).inc(n)
+        return model_id if self.registry.get(model_id) else "_unknown"
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
-
-
-def _expired(request: Request, now_ms: float) -> Completion:
-    late_ms = now_ms - request.deadline_ms
-    message = (
-        f"deadline passed {late_ms:.0f} ms before the request could be computed "
-        f"(timeout_ms was {request.deadline_ms - request.enqueued_ms})"
-    )
-    return error_completion(request, wire.ERROR_EXPIRED, message)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

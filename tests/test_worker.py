@@ -8,10 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-import torch
 from bales_producer import KeySpace
-
-from bales_stream.models import LoadedModel, StubNet
 
 from .conftest import wait_for
 
@@ -104,18 +101,16 @@ async def test_an_expired_request_is_not_computed(service, aredis, keys) -> None
     assert ok == 0
 
 
-class Exploding(StubNet):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("boom")
-
-
-async def test_a_model_failure_gets_an_internal_error_reply(service, aredis, keys) -> None:
-    registry = service.worker.registry
-    healthy = registry.get("stub_v1")
-    registry._models["stub_v1"] = LoadedModel(healthy.spec, "broken", Exploding())
-    await xadd(aredis, keys, request_id="boom-1")
-    reply = await reply_of(aredis, keys, "boom-1")
-    assert reply["error"]["code"] == "internal" and "boom" in reply["error"]["message"]
+async def test_a_request_whose_model_was_unloaded_gets_internal(
+    service_factory, aredis, keys
+) -> None:
+    async with service_factory(batch_window_ms=10_000) as svc:
+        await xadd(aredis, keys, request_id="orphan-1")
+        await wait_for(lambda: len(svc.worker.batcher) == 1)
+        svc.worker.registry._models.pop("stub_v1")
+    # stopping drained the batcher: the request was answered, not dropped
+    reply = await reply_of(aredis, keys, "orphan-1")
+    assert reply["error"]["code"] == "internal" and "no longer served" in reply["error"]["message"]
     assert await pending_count(aredis, keys) == 0
 
 

@@ -13,6 +13,7 @@ from .client import Client
 from .core import ClientCore
 from .errors import (
     BalesError,
+    DeadLettered,
     Expired,
     InternalError,
     InvalidRequest,
@@ -27,6 +28,7 @@ __all__ = [
     "BalesError",
     "Client",
     "ClientCore",
+    "DeadLettered",
     "Expired",
     "InternalError",
     "InvalidRequest",

@@ -8,6 +8,7 @@
      |    +-- UnknownModel     code "unknown_model": no such model is served
      |    +-- Expired          code "expired": the deadline passed before it was computed
      |    +-- InternalError    code "internal": the service failed to compute it
+     |    +-- DeadLettered     code "dead_letter": it failed MAX_DELIVERIES times; given up
      +-- RequestTimeout        no reply arrived in time (also a TimeoutError)
 """
 
@@ -50,6 +51,10 @@ class InternalError(ReplyError):
     """The service failed while computing the request."""
 
 
+class DeadLettered(ReplyError):
+    """The request failed on every delivery and was moved to the dead-letter stream."""
+
+
 class RequestTimeout(BalesError, TimeoutError):
     """No reply arrived within the time the caller was willing to wait."""
 
@@ -59,6 +64,7 @@ _BY_CODE: dict[str, type[ReplyError]] = {
     wire.ERROR_UNKNOWN_MODEL: UnknownModel,
     wire.ERROR_EXPIRED: Expired,
     wire.ERROR_INTERNAL: InternalError,
+    wire.ERROR_DEAD_LETTER: DeadLettered,
 }
 
 

@@ -1,0 +1,129 @@
+"""Turning one batch of requests into replies.
+
+Requests whose deadline has passed are answered ``expired`` without being computed; the
+rest go through the model in one call, in the executor. When the model raises, the batch is
+split in halves until the request(s) that make it raise are isolated: everyone else is
+still answered, and each culprit is left pending (no reply, no ack), so it is retried after
+``CLAIM_IDLE_MS`` and dead-lettered after ``MAX_DELIVERIES`` (see ``recovery``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bales_producer import wire
+
+from .inference import InferenceExecutor, predict_requests
+from .metrics import Metrics
+from .models import LoadedModel
+from .protocol import Request
+from .registry import ModelRegistry
+from .replies import Completion, error_completion, ok_completion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What became of a batch: replies to write, and requests left pending for a retry."""
+
+    completions: list[Completion] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)
+
+
+class BatchProcessor:
+    """Computes batches; owns no tasks and no Redis."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        executor: InferenceExecutor,
+        metrics: Metrics,
+        now_ms: Callable[[], float],
+    ) -> None:
+        self.registry = registry
+        self.executor = executor
+        self.metrics = metrics
+        self.now_ms = now_ms
+
+    async def process(self, batch: list[Request]) -> Outcome:
+        """Answer one batch (all of one model)."""
+        outcome = Outcome()
+        started_ms = self.now_ms()
+        live = [r for r in batch if r.deadline_ms > started_ms]
+        expired = [r for r in batch if r.deadline_ms <= started_ms]
+        if expired:
+            outcome.completions += [_expired(r, started_ms) for r in expired]
+            self.metrics.count(expired[0].model_id, wire.ERROR_EXPIRED, len(expired))
+        if not live:
+            return outcome
+        model = self.registry.get(live[0].model_id)
+        if model is None:  # unloaded since the request was decoded
+            message = f"model {live[0].model_id} is no longer served"
+            outcome.completions += [error_completion(r, wire.ERROR_INTERNAL, message) for r in live]
+            self.metrics.count(live[0].model_id, wire.ERROR_INTERNAL, len(live))
+            return outcome
+        await self._compute(model, live, started_ms, outcome)
+        return outcome
+
+    async def _compute(
+        self, model: LoadedModel, requests: list[Request], started_ms: float, outcome: Outcome
+    ) -> None:
+        try:
+            results = await self.executor.run(predict_requests, model, requests)
+        except Exception as exc:
+            await self._isolate(model, requests, started_ms, outcome, exc)
+            return
+        done_ms = self.now_ms()
+        self.metrics.count(model.model_id, wire.STATUS_OK, len(requests))
+        self.metrics.batch_size.observe(len(requests))
+        for request, result in zip(requests, results, strict=True):
+            latency_ms = done_ms - request.enqueued_ms
+            self.metrics.latency.labels(str(request.priority)).observe(latency_ms / 1000)
+            outcome.completions.append(
+                ok_completion(
+                    request,
+                    model_version=model.version,
+                    result=result,
+                    batch_size=len(requests),
+                    queued_ms=started_ms - request.enqueued_ms,
+                    latency_ms=latency_ms,
+                )
+            )
+
+    async def _isolate(
+        self,
+        model: LoadedModel,
+        requests: list[Request],
+        started_ms: float,
+        outcome: Outcome,
+        exc: Exception,
+    ) -> None:
+        self.metrics.model_failures.inc()
+        if len(requests) == 1:
+            request = requests[0]
+            log.warning(
+                "model %s raised on request %s (entry %s of p%d): %s: %s; left pending for retry",
+                model.model_id,
+                request.request_id,
+                request.entry_id,
+                request.priority,
+                type(exc).__name__,
+                exc,
+            )
+            outcome.failed.append(request)
+            return
+        half = len(requests) // 2
+        await self._compute(model, requests[:half], started_ms, outcome)
+        await self._compute(model, requests[half:], started_ms, outcome)
+
+
+def _expired(request: Request, now_ms: float) -> Completion:
+    late_ms = now_ms - request.deadline_ms
+    message = (
+        f"deadline passed {late_ms:.0f} ms before the request could be computed "
+        f"(timeout_ms was {request.deadline_ms - request.enqueued_ms})"
+    )
+    return error_completion(request, wire.ERROR_EXPIRED, message)

@@ -1,0 +1,121 @@
+"""Upkeep that makes at-least-once delivery work: leases, reclaiming, trimming.
+
+Three periodic loops, each tolerant of Redis errors (logged, counted, retried next tick):
+
+* lease: every ``CLAIM_IDLE_MS / 3`` the worker resets the idle time of every entry it holds
+  (read but not yet answered), so a slow batch or a deep buffer is never reclaimed by
+  another consumer just for being slow;
+* reclaim: every ``CLAIM_IDLE_MS / 2`` it XAUTOCLAIMs entries idle for ``CLAIM_IDLE_MS``
+  (their consumer died, stalled, or left them pending after the model raised), following the
+  cursor; an entry delivered more than ``MAX_DELIVERIES`` times is dead-lettered instead;
+* trim: every ``TRIM_INTERVAL_S`` it trims each stream below what the group still needs
+  (``XTRIM MINID``), so memory stays bounded without ever dropping an accepted request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from redis.exceptions import RedisError
+
+from .metrics import Metrics
+from .settings import Settings
+from .streams import StreamEntry, StreamStore
+
+log = logging.getLogger(__name__)
+
+CLAIM_BATCH = 100
+"""Entries per XAUTOCLAIM call; one reclaim pass takes at most this many per stream."""
+
+
+class Recovery:
+    """The lease, reclaim and trim loops of one worker."""
+
+    def __init__(
+        self,
+        streams: StreamStore,
+        settings: Settings,
+        metrics: Metrics,
+        held: Callable[[], list[tuple[int, str]]],
+        admit: Callable[[list[StreamEntry]], Awaitable[None]],
+        give_up: Callable[[StreamEntry, int], Awaitable[None]],
+    ) -> None:
+        self.streams = streams
+        self.settings = settings
+        self.metrics = metrics
+        self._held = held
+        self._admit = admit
+        self._give_up = give_up
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._cursors = dict.fromkeys(range(settings.priority_levels), "0-0")
+
+    def start(self) -> None:
+        """Start the three loops."""
+        idle_s = self.settings.claim_idle_ms / 1000
+        self._tasks = [
+            asyncio.create_task(self._every(idle_s / 3, self.refresh_lease), name="bales-lease"),
+            asyncio.create_task(self._every(idle_s / 2, self.reclaim), name="bales-reclaim"),
+            asyncio.create_task(
+                self._every(self.settings.trim_interval_s, self.trim), name="bales-trim"
+            ),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the loops (after the current tick)."""
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def refresh_lease(self) -> None:
+        """Reset the idle time of everything this worker holds."""
+        lost = await self.streams.refresh_lease(self._held())
+        if lost:
+            log.warning("%d held entries were claimed by another consumer", lost)
+
+    async def reclaim(self) -> None:
+        """Take over entries idle longer than CLAIM_IDLE_MS, one pass over every stream."""
+        for priority in range(self.settings.priority_levels):
+            claimed = await self.streams.reclaim(
+                priority, self._cursors[priority], self.settings.claim_idle_ms, CLAIM_BATCH
+            )
+            self._cursors[priority] = claimed.cursor
+            if not claimed.entries:
+                continue
+            log.info("reclaimed %d idle entries of p%d", len(claimed.entries), priority)
+            self.metrics.reclaimed.inc(len(claimed.entries))
+            retry = []
+            for entry in claimed.entries:
+                deliveries = claimed.deliveries.get(entry.entry_id, 1)
+                if deliveries > self.settings.max_deliveries:
+                    await self._give_up(entry, deliveries)
+                else:
+                    retry.append(entry)
+            await self._admit(retry)
+
+    async def trim(self) -> None:
+        """Trim every stream below the oldest entry the group still needs."""
+        trimmed = await self.streams.trim()
+        if trimmed:
+            log.debug("trimmed %d answered entries", trimmed)
+
+    async def _every(self, interval_s: float, tick: Callable[[], Awaitable[None]]) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval_s):
+                    await self._stopping.wait()
+            if self._stopping.is_set():
+                return
+            try:
+                await tick()
+            except RedisError as exc:
+                self.metrics.redis_errors.inc()
+                log.warning(
+                    "%s failed (%s: %s); retrying next tick", tick.__name__, type(exc).__name__, exc
+                )

@@ -1,0 +1,175 @@
+"""At-least-once delivery: reclaiming a dead consumer's work, leases, poison isolation,
+dead letters, trimming, and a clean stop that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import redis.asyncio as aioredis
+import torch
+from bales_producer import KeySpace
+
+from bales_stream.models import LoadedModel, StubNet
+
+from .test_worker import STUB_INPUT, pending_count, reply_of, xadd
+
+POISON = 42.0
+
+
+class PoisonSensitive(StubNet):
+    """Raises on any row whose first value is 42; counts the calls on that row alone."""
+
+    def __init__(self, base: StubNet) -> None:
+        super().__init__()
+        self.load_state_dict(base.state_dict())
+        self.poison_calls = 0
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] == POISON).any()):
+            with self.lock:
+                self.poison_calls += x.shape[0] == 1
+            raise ValueError("poisoned input")
+        return super().forward(x)
+
+
+class Slow(StubNet):
+    def __init__(self, base: StubNet, delay_s: float) -> None:
+        super().__init__()
+        self.load_state_dict(base.state_dict())
+        self.delay_s = delay_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)  # a slow model, not synchronisation
+        return super().forward(x)
+
+
+def swap_module(worker, module: StubNet) -> None:
+    current = worker.registry.get("stub_v1")
+    worker.registry._models["stub_v1"] = LoadedModel(current.spec, current.version, module)
+
+
+async def test_a_dead_consumers_entries_are_reclaimed_and_answered(
+    service_factory, aredis: aioredis.Redis, keys: KeySpace
+) -> None:
+    ids = [await xadd(aredis, keys, request_id=f"orphan-{i}", timeout_ms="30000") for i in range(5)]
+    await aredis.xgroup_create(keys.stream(1), "bales", id="0", mkstream=True)
+    taken = await aredis.xreadgroup("bales", "ghost", {keys.stream(1): ">"}, count=10)
+    assert len(taken[0][1]) == len(ids)  # "ghost" took them all and died
+    async with service_factory(claim_idle_ms=200) as svc:
+        for i in range(5):
+            assert (await reply_of(aredis, keys, f"orphan-{i}"))["status"] == "ok"
+        assert svc.worker.metrics.reclaimed._value.get() == 5
+    assert await pending_count(aredis, keys) == 0
+
+
+async def test_a_restarted_consumer_answers_its_own_pending_first(
+    service_factory, aredis, keys
+) -> None:
+    await xadd(aredis, keys, request_id="mine-1", timeout_ms="30000")
+    await aredis.xgroup_create(keys.stream(1), "bales", id="0", mkstream=True)
+    await aredis.xreadgroup("bales", "stable-name", {keys.stream(1): ">"}, count=10)
+    async with service_factory(consumer_name="stable-name", claim_idle_ms=600_000) as svc:
+        assert (await reply_of(aredis, keys, "mine-1"))["status"] == "ok"
+        assert svc.worker.metrics.reclaimed._value.get() == 0
+
+
+async def test_a_poison_request_is_isolated_then_dead_lettered(
+    service_factory, aredis, keys
+) -> None:
+    async with service_factory(
+        claim_idle_ms=200, max_deliveries=2, max_batch_size=16, batch_window_ms=50
+    ) as svc:
+        model = PoisonSensitive(svc.worker.registry.get("stub_v1").module)
+        swap_module(svc.worker, model)
+        async with aredis.pipeline(transaction=False) as pipe:
+            for i in range(16):
+                values = [POISON if i == 7 else 0.5, *STUB_INPUT[1:]]
+                pipe.xadd(
+                    keys.stream(1),
+                    {
+                        "request_id": f"b-{i}",
+                        "model_id": "stub_v1",
+                        "input": json.dumps(values),
+                        "timeout_ms": "30000",
+                    },
+                )
+            await pipe.execute()
+        replies = {i: await reply_of(aredis, keys, f"b-{i}") for i in range(16)}
+        assert all(replies[i]["status"] == "ok" for i in range(16) if i != 7)
+        poison = replies[7]
+        assert poison["error"]["code"] == "dead_letter"
+        assert "MAX_DELIVERIES=2" in poison["error"]["message"]
+        assert model.poison_calls == 2  # isolated and computed exactly MAX_DELIVERIES times
+        dead = await aredis.xrange(keys.dead_letter)
+        assert len(dead) == 1 and dead[0][1][b"field:request_id"] == b"b-7"
+    assert await pending_count(aredis, keys) == 0
+
+
+async def test_a_slow_batch_is_not_reclaimed_by_another_consumer(
+    service_factory, aredis, keys
+) -> None:
+    claim_idle_ms = 200
+    async with (
+        service_factory(claim_idle_ms=claim_idle_ms) as slow_svc,
+        service_factory(claim_idle_ms=claim_idle_ms, consumer_name="helper") as helper,
+    ):
+        swap_module(
+            slow_svc.worker,
+            Slow(
+                slow_svc.worker.registry.get("stub_v1").module, delay_s=2.5 * claim_idle_ms / 1000
+            ),
+        )
+        swap_module(
+            helper.worker,
+            Slow(helper.worker.registry.get("stub_v1").module, delay_s=2.5 * claim_idle_ms / 1000),
+        )
+        for i in range(6):
+            await xadd(aredis, keys, request_id=f"slow-{i}", timeout_ms="30000")
+        for i in range(6):
+            assert (await reply_of(aredis, keys, f"slow-{i}"))["status"] == "ok"
+        for svc in (slow_svc, helper):
+            assert svc.worker.metrics.reclaimed._value.get() == 0
+            assert svc.worker.metrics.stale_completions._value.get() == 0
+
+
+async def test_streams_are_trimmed_but_never_below_what_is_pending(
+    service_factory, aredis, keys
+) -> None:
+    await aredis.xgroup_create(keys.stream(2), "bales", id="0", mkstream=True)
+    await xadd(aredis, keys, priority=2, request_id="held-by-ghost", timeout_ms="30000")
+    await aredis.xreadgroup("bales", "ghost", {keys.stream(2): ">"}, count=1)
+    async with service_factory(claim_idle_ms=600_000) as svc:
+        for i in range(50):
+            await xadd(aredis, keys, priority=2, request_id=f"t-{i}")
+        for i in range(50):
+            await reply_of(aredis, keys, f"t-{i}")
+        await svc.worker.recovery.trim()
+        # the ghost's entry (the oldest) is still pending: nothing may be trimmed yet
+        assert await aredis.xlen(keys.stream(2)) == 51
+        await aredis.xclaim(
+            keys.stream(2),
+            "bales",
+            "ghost",
+            0,
+            [(await aredis.xpending_range(keys.stream(2), "bales", "-", "+", 1))[0]["message_id"]],
+        )
+        pending = await aredis.xpending_range(keys.stream(2), "bales", "-", "+", 1)
+        await aredis.xack(keys.stream(2), "bales", pending[0]["message_id"])
+        await svc.worker.recovery.trim()
+        assert await aredis.xlen(keys.stream(2)) == 0
+        groups = await aredis.xinfo_groups(keys.stream(2))
+        assert groups[0]["lag"] == 0  # lag stays valid for autoscalers
+
+
+async def test_a_clean_stop_removes_the_consumer_and_leaves_nothing_pending(
+    service_factory, aredis, keys
+) -> None:
+    async with service_factory(consumer_name="short-lived"):
+        await xadd(aredis, keys, request_id="last")
+        await reply_of(aredis, keys, "last")
+    consumers = await aredis.xinfo_consumers(keys.stream(1), "bales")
+    assert [c["name"] for c in consumers] == []
+    assert await pending_count(aredis, keys) == 0
