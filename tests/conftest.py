@@ -99,14 +99,16 @@ class RunningService:
 
 @pytest.fixture
 def service_factory(
-    make_settings: Callable[..., Settings], redis_url: str
+    make_settings: Callable[..., Settings],
 ) -> Callable[..., AbstractAsyncContextManager[RunningService]]:
     """``async with service_factory(**overrides) as svc``: a started worker and sidecar."""
 
     @contextlib.asynccontextmanager
     async def run(**overrides: Any) -> AsyncIterator[RunningService]:
         settings = make_settings(**overrides)
-        client = aioredis.Redis.from_url(redis_url, socket_timeout=None)
+        client = aioredis.Redis.from_url(
+            settings.redis_url.get_secret_value(), socket_timeout=None, socket_keepalive=True
+        )
         worker = Worker(settings, client, Metrics())
         sidecar = Sidecar(worker, "127.0.0.1", 0)
         await sidecar.start()
