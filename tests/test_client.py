@@ -14,9 +14,12 @@ from bales_producer import (
     ClientCore,
     Expired,
     InvalidRequest,
+    Overloaded,
     RequestTimeout,
     UnknownModel,
 )
+
+from .conftest import wait_for
 
 INPUT = [0.1] * 128
 
@@ -134,3 +137,68 @@ async def test_ten_thousand_async_requests_all_get_correct_replies(
     assert all(r["status"] == "ok" for r in replies)
     assert connections <= 4  # thousands in flight, a handful of connections
     assert max(r["batch_size"] for r in replies) > 1
+
+
+async def fill_backlog(aredis, keys, priority: int, count: int) -> None:
+    await aredis.xgroup_create(keys.stream(priority), "bales", id="0", mkstream=True)
+    async with aredis.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            pipe.xadd(keys.stream(priority), {"request_id": f"waiting-{i}"})
+        await pipe.execute()
+
+
+async def test_sync_client_refuses_to_enqueue_over_the_backlog_bound(
+    aredis, keys, redis_url, prefix
+) -> None:
+    await fill_backlog(aredis, keys, 2, 50)
+
+    def exercise() -> None:
+        with Client(redis_url, prefix=prefix, max_backlog=10) as client:
+            with pytest.raises(Overloaded) as refused:
+                client.submit("stub_v1", INPUT, priority=2)
+            assert (refused.value.priority, refused.value.backlog, refused.value.limit) == (
+                2,
+                50,
+                10,
+            )
+            client.submit("stub_v1", INPUT, priority=0)  # another level is not affected
+        with Client(redis_url, prefix=prefix) as unbounded:
+            unbounded.submit("stub_v1", INPUT, priority=2)
+
+    await asyncio.to_thread(exercise)
+    assert await aredis.xlen(keys.stream(2)) == 51  # the refused one was never added
+    assert await aredis.xlen(keys.stream(0)) == 1
+
+
+async def test_async_client_refuses_to_enqueue_over_the_backlog_bound(
+    aredis, keys, redis_url, prefix
+) -> None:
+    await fill_backlog(aredis, keys, 1, 30)
+    async with AsyncClient(redis_url, prefix=prefix, max_backlog=10) as client:
+        outcomes = await asyncio.gather(
+            *(client.submit("stub_v1", INPUT, priority=1) for _ in range(20)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, Overloaded) for o in outcomes)
+        assert client.in_flight == 0
+        await client.submit("stub_v1", INPUT, priority=0)
+    assert await aredis.xlen(keys.stream(1)) == 30
+
+
+async def test_admission_reopens_when_the_backlog_drains(
+    service_factory, aredis, keys, redis_url, prefix
+) -> None:
+    await fill_backlog(aredis, keys, 1, 30)
+    async with AsyncClient(redis_url, prefix=prefix, max_backlog=10) as client:
+        with pytest.raises(Overloaded):
+            await client.submit("stub_v1", INPUT, priority=1)
+        async with service_factory():  # a consumer drains the backlog
+
+            async def admitted() -> bool:
+                try:
+                    await client.infer("stub_v1", INPUT, priority=1)
+                except Overloaded:
+                    return False
+                return True
+
+            await wait_for(admitted)

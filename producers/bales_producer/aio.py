@@ -19,7 +19,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import wire
-from .core import DEFAULT_TIMEOUT_S, REPLY_GRACE_S, ClientCore, OutgoingRequest
+from .core import (
+    DEFAULT_TIMEOUT_S,
+    REPLY_GRACE_S,
+    ClientCore,
+    OutgoingRequest,
+    backlog_from_replies,
+)
 from .errors import BalesError, RequestTimeout
 
 log = logging.getLogger(__name__)
@@ -39,8 +45,13 @@ class AsyncClient:
         prefix: str = wire.DEFAULT_PREFIX,
         queue: str = wire.DEFAULT_QUEUE,
         priority_levels: int = wire.DEFAULT_PRIORITY_LEVELS,
+        group: str = "bales",
+        max_backlog: int | None = None,
     ) -> None:
-        self.core = ClientCore(wire.KeySpace(prefix, queue, priority_levels))
+        """``max_backlog``: refuse to enqueue (``Overloaded``) while the target priority has
+        more than this many requests not yet delivered to the consumer group ``group``."""
+        keys = wire.KeySpace(prefix, queue, priority_levels)
+        self.core = ClientCore(keys, group=group, max_backlog=max_backlog)
         self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=None)
         self.inbox = self.core.keys.inbox(uuid.uuid4().hex)
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -48,6 +59,7 @@ class AsyncClient:
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._gate_locks: dict[int, asyncio.Lock] = {}
 
     async def __aenter__(self) -> AsyncClient:
         self._ensure_started()
@@ -140,8 +152,24 @@ class AsyncClient:
                 asyncio.create_task(self._inbox_loop(), name="bales-client-inbox"),
             ]
 
+    async def _admit(self, request: OutgoingRequest) -> None:
+        """Admission control: measure the backlog when stale (once for all concurrent
+        submits of a priority), then refuse with ``Overloaded`` if it is over the limit."""
+        gate = self.core.gate
+        if gate.stale(request.priority):
+            async with self._gate_locks.setdefault(request.priority, asyncio.Lock()):
+                if gate.stale(request.priority):
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.xlen(request.stream)
+                        pipe.xinfo_groups(request.stream)
+                        length, groups = await pipe.execute(raise_on_error=False)
+                    backlog = backlog_from_replies(length, groups, self.core.group)
+                    gate.record(request.priority, backlog)
+        gate.check(request.priority)
+
     async def _send(self, request: OutgoingRequest) -> None:
         self._ensure_started()
+        await self._admit(request)
         loop = asyncio.get_running_loop()
         self._waiters[request.request_id] = loop.create_future()
         sent: asyncio.Future[None] = loop.create_future()

@@ -7,7 +7,13 @@ from typing import Any
 import redis
 
 from . import wire
-from .core import DEFAULT_TIMEOUT_S, REPLY_GRACE_S, ClientCore
+from .core import (
+    DEFAULT_TIMEOUT_S,
+    REPLY_GRACE_S,
+    ClientCore,
+    OutgoingRequest,
+    backlog_from_replies,
+)
 from .errors import RequestTimeout
 
 
@@ -26,9 +32,14 @@ class Client:
         prefix: str = wire.DEFAULT_PREFIX,
         queue: str = wire.DEFAULT_QUEUE,
         priority_levels: int = wire.DEFAULT_PRIORITY_LEVELS,
+        group: str = "bales",
+        max_backlog: int | None = None,
         redis_client: redis.Redis | None = None,
     ) -> None:
-        self.core = ClientCore(wire.KeySpace(prefix, queue, priority_levels))
+        """``max_backlog``: refuse to enqueue (``Overloaded``) while the target priority has
+        more than this many requests not yet delivered to the consumer group ``group``."""
+        keys = wire.KeySpace(prefix, queue, priority_levels)
+        self.core = ClientCore(keys, group=group, max_backlog=max_backlog)
         # socket_timeout=None: blocking reads carry their own timeout, and redis-py's 5 s
         # default would cut a long BLPOP short.
         self.redis = redis_client or redis.Redis.from_url(redis_url, socket_timeout=None)
@@ -39,9 +50,7 @@ class Client:
         Options: ``priority`` (0 is highest, default 1), ``timeout_s`` (default 5),
         ``request_id``, ``model_type``.
         """
-        request = self.core.build(model_id, values, **options)
-        self.redis.xadd(request.stream, request.fields)  # type: ignore[arg-type]
-        return request.request_id
+        return self._enqueue(model_id, values, options).request_id
 
     def result(
         self, request_id: str, timeout_s: float = DEFAULT_TIMEOUT_S + REPLY_GRACE_S
@@ -65,9 +74,21 @@ class Client:
 
     def infer(self, model_id: str, values: Any, **options: Any) -> dict[str, Any]:
         """Submit one request and wait for its reply (see ``submit`` for the options)."""
-        request = self.core.build(model_id, values, **options)
-        self.redis.xadd(request.stream, request.fields)  # type: ignore[arg-type]
+        request = self._enqueue(model_id, values, options)
         return self.result(request.request_id, request.wait_s)
+
+    def _enqueue(self, model_id: str, values: Any, options: dict[str, Any]) -> OutgoingRequest:
+        request = self.core.build(model_id, values, **options)
+        if self.core.gate.stale(request.priority):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xlen(request.stream)
+            pipe.xinfo_groups(request.stream)
+            length, groups = pipe.execute(raise_on_error=False)
+            backlog = backlog_from_replies(length, groups, self.core.group)
+            self.core.gate.record(request.priority, backlog)
+        self.core.gate.check(request.priority)
+        self.redis.xadd(request.stream, request.fields)  # type: ignore[arg-type]
+        return request
 
     def close(self) -> None:
         """Close the connection pool."""

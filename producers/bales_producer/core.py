@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import wire
-from .errors import reply_error
+from .errors import Overloaded, reply_error
 
 DEFAULT_TIMEOUT_S = 5.0
 REPLY_GRACE_S = 1.0
@@ -27,6 +28,7 @@ class OutgoingRequest:
     """One request ready to XADD: where it goes and its entry fields."""
 
     request_id: str
+    priority: int
     stream: str
     fields: dict[str, str | bytes]
     wait_s: float
@@ -50,11 +52,65 @@ def encode_input(values: Any) -> tuple[str, str | bytes]:
     raise TypeError(f"input must be a list, tuple or numpy array, got {type(values).__name__}")
 
 
+BACKLOG_CHECK_INTERVAL_S = 0.1
+"""How long a measured backlog is trusted before it is measured again."""
+
+
+class BacklogGate:
+    """Admission control without I/O: remembers each priority's measured backlog and refuses
+    (``Overloaded``) while it is over ``limit``. The shells measure when ``stale()`` says so."""
+
+    def __init__(self, limit: int | None, interval_s: float = BACKLOG_CHECK_INTERVAL_S) -> None:
+        self.limit = limit
+        self.interval_s = interval_s
+        self._seen: dict[int, tuple[float, int]] = {}
+
+    def stale(self, priority: int) -> bool:
+        """True when this priority's backlog should be measured before the next enqueue."""
+        if self.limit is None:
+            return False
+        seen = self._seen.get(priority)
+        return seen is None or time.monotonic() - seen[0] > self.interval_s
+
+    def record(self, priority: int, backlog: int) -> None:
+        """Store a fresh measurement."""
+        self._seen[priority] = (time.monotonic(), backlog)
+
+    def check(self, priority: int) -> None:
+        """Raise ``Overloaded`` if the last measured backlog is over the limit."""
+        if self.limit is None or priority not in self._seen:
+            return
+        backlog = self._seen[priority][1]
+        if backlog > self.limit:
+            raise Overloaded(priority, backlog, self.limit)
+
+
+def backlog_from_replies(length: object, groups: object, group: str) -> int:
+    """A priority's backlog from the replies to ``XLEN`` and ``XINFO GROUPS`` (either may be
+    an error, e.g. before the stream exists): the group's ``lag`` (entries not yet delivered
+    to it), or the stream length when Redis cannot tell or the group does not exist yet."""
+    fallback = length if isinstance(length, int) else 0
+    for info in groups if isinstance(groups, list) else []:
+        name = info.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) == group:
+            lag = info.get("lag")
+            return int(lag) if lag is not None else fallback
+    return fallback
+
+
 class ClientCore:
     """Builds request entries and interprets replies for one key space."""
 
-    def __init__(self, keys: wire.KeySpace | None = None) -> None:
+    def __init__(
+        self,
+        keys: wire.KeySpace | None = None,
+        *,
+        group: str = "bales",
+        max_backlog: int | None = None,
+    ) -> None:
         self.keys = keys or wire.KeySpace()
+        self.group = group
+        self.gate = BacklogGate(max_backlog)
 
     def build(
         self,
@@ -90,7 +146,7 @@ class ClientCore:
         if reply_to:
             fields[wire.FIELD_REPLY_TO] = reply_to
         return OutgoingRequest(
-            request_id, self.keys.stream(priority), fields, timeout_s + REPLY_GRACE_S
+            request_id, priority, self.keys.stream(priority), fields, timeout_s + REPLY_GRACE_S
         )
 
     def reply_key(self, request_id: str) -> str:

@@ -10,6 +10,7 @@
      |    +-- InternalError    code "internal": the service failed to compute it
      |    +-- DeadLettered     code "dead_letter": it failed MAX_DELIVERIES times; given up
      +-- RequestTimeout        no reply arrived in time (also a TimeoutError)
+     +-- Overloaded            refused before enqueueing: that priority's backlog is over the bound
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ class DeadLettered(ReplyError):
 
 class RequestTimeout(BalesError, TimeoutError):
     """No reply arrived within the time the caller was willing to wait."""
+
+
+class Overloaded(BalesError):
+    """The request was not enqueued: its priority level's backlog exceeds ``max_backlog``."""
+
+    def __init__(self, priority: int, backlog: int, limit: int) -> None:
+        super().__init__(
+            f"priority {priority} has {backlog} requests waiting (limit {limit}); not enqueued"
+        )
+        self.priority = priority
+        self.backlog = backlog
+        self.limit = limit
 
 
 _BY_CODE: dict[str, type[ReplyError]] = {
