@@ -107,6 +107,13 @@ class RedisServer:
             self.process.wait()
             self.process = None
 
+    def stop_gracefully(self) -> None:
+        """SIGTERM the process (Redis flushes its AOF and exits), keeping its data dir."""
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
+            self.process = None
+
     @property
     def data_dir(self) -> Path | None:
         """The server's working directory (AOF/RDB files land here)."""

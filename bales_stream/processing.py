@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .models import LoadedModel
 from .protocol import Request
 from .registry import ModelRegistry
-from .replies import Completion, error_completion, ok_completion
+from .replies import Completion, error_completion, expired_completion, ok_completion
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class BatchProcessor:
         live = [r for r in batch if r.deadline_ms > started_ms]
         expired = [r for r in batch if r.deadline_ms <= started_ms]
         if expired:
-            outcome.completions += [_expired(r, started_ms) for r in expired]
+            outcome.completions += [expired_completion(r, started_ms) for r in expired]
             self.metrics.count(expired[0].model_id, wire.ERROR_EXPIRED, len(expired))
         if not live:
             return outcome
@@ -118,12 +118,3 @@ class BatchProcessor:
         half = len(requests) // 2
         await self._compute(model, requests[:half], started_ms, outcome)
         await self._compute(model, requests[half:], started_ms, outcome)
-
-
-def _expired(request: Request, now_ms: float) -> Completion:
-    late_ms = now_ms - request.deadline_ms
-    message = (
-        f"deadline passed {late_ms:.0f} ms before the request could be computed "
-        f"(timeout_ms was {request.deadline_ms - request.enqueued_ms})"
-    )
-    return error_completion(request, wire.ERROR_EXPIRED, message)

@@ -64,3 +64,13 @@ def error_completion(target: Envelope | Request, code: str, message: str) -> Com
     return Completion(
         target.priority, target.entry_id, target.request_id, _dump(document), target.reply_to
     )
+
+
+def expired_completion(request: Request, now_ms: float) -> Completion:
+    """The ``expired`` reply of a request whose deadline passed before it was computed."""
+    late_ms = now_ms - request.deadline_ms
+    message = (
+        f"deadline passed {late_ms:.0f} ms before the request could be computed "
+        f"(timeout_ms was {request.deadline_ms - request.enqueued_ms})"
+    )
+    return error_completion(request, wire.ERROR_EXPIRED, message)

@@ -78,16 +78,20 @@ return out
 
 # Lease refresh, fenced: KEYS[i] is the stream of entry ARGV[i + 2]. Resets the idle time of
 # each entry still pending for this consumer (XCLAIM ... JUSTID does not count a delivery);
-# never takes back an entry another consumer has claimed. Returns how many were lost.
+# never takes back an entry another consumer has claimed. Returns how many another consumer
+# holds now (entries acked meanwhile are simply skipped).
 _LEASE_LUA = """
 local group, consumer = ARGV[1], ARGV[2]
 local lost = 0
 for i = 1, #KEYS do
   local id = ARGV[i + 2]
-  if #redis.call('XPENDING', KEYS[i], group, id, id, 1, consumer) == 1 then
-    redis.call('XCLAIM', KEYS[i], group, consumer, 0, id, 'JUSTID')
-  else
-    lost = lost + 1
+  local entry = redis.call('XPENDING', KEYS[i], group, id, id, 1)
+  if #entry == 1 then
+    if entry[1][2] == consumer then
+      redis.call('XCLAIM', KEYS[i], group, consumer, 0, id, 'JUSTID')
+    else
+      lost = lost + 1
+    end
   end
 end
 return lost
@@ -330,10 +334,10 @@ class StreamStore:
             return None
         needed = []
         for group in groups:
-            if group["pending"]:
-                summary = await self.redis.xpending(stream, group["name"])
+            summary = await self.redis.xpending(stream, group["name"]) if group["pending"] else {}
+            if summary.get("min"):
                 needed.append(_parse_id(summary["min"]))
-            else:
+            else:  # nothing pending (or all acked since XINFO): keep only what is not yet read
                 ms, seq = _parse_id(group["last-delivered-id"])
                 needed.append((ms, seq + 1))
         ms, seq = min(needed)

@@ -33,7 +33,7 @@ from .processing import BatchProcessor
 from .protocol import Limits, Request, decode_request, read_envelope
 from .recovery import Recovery
 from .registry import ModelRegistry
-from .replies import Completion, error_completion
+from .replies import Completion, error_completion, expired_completion
 from .settings import Settings
 from .streams import StreamEntry, StreamStore, bounded
 
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0
 LOWER_PRIORITY_SHARE_DIVISOR = 8
+MIN_READ_COUNT = 32
+"""Even with tiny batches, read at least this many per round trip: under overload the
+expired ones among them are shed at the cost of the read (they never wait for a slot)."""
 """Each read reserves 1/8 of its entries for every lower priority level (see streams)."""
 
 
@@ -87,7 +90,7 @@ class Worker:
         self.limits = Limits(round(settings.batcher_timeout_s * 1000), settings.max_input_bytes)
         # Larger reads under backlog pay (fewer round trips); the buffer bound keeps the
         # priority decision close to the model and the memory use small.
-        self.read_count = 2 * settings.max_batch_size
+        self.read_count = max(2 * settings.max_batch_size, MIN_READ_COUNT)
         self.read_share = max(1, self.read_count // LOWER_PRIORITY_SHARE_DIVISOR)
         self.buffer_limit = 2 * settings.max_batch_size
         self._read_deadline_s = settings.read_block_ms / 1000 + settings.redis_timeout_s
@@ -182,8 +185,10 @@ class Worker:
             await self._admit(entries)
 
     async def _admit(self, entries: list[StreamEntry]) -> None:
-        """Decode entries: good ones go to the batcher, bad ones are answered at once."""
+        """Decode entries: good ones go to the batcher; bad and already expired ones are
+        answered at once (so an overload sheds expired work at the cost of a read)."""
         rejections: list[Completion] = []
+        now_ms = self.redis_now_ms()
         for entry in entries:
             try:
                 envelope = read_envelope(
@@ -199,6 +204,10 @@ class Worker:
             except RequestRejected as exc:
                 self.metrics.count(self._model_label(envelope.model_id), exc.code)
                 rejections.append(error_completion(envelope, exc.code, exc.message))
+                continue
+            if request.deadline_ms <= now_ms:
+                self.metrics.count(request.model_id, wire.ERROR_EXPIRED)
+                rejections.append(expired_completion(request, now_ms))
                 continue
             self._held[(entry.priority, entry.entry_id)] = None
             self.batcher.put(request)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 INBOX_BLOCK_S = 1.0
 INBOX_POP_COUNT = 1000
 RETRY_BACKOFF_S = 0.5
+MAX_UNCLAIMED_REPLIES = 100_000
+"""Replies kept in memory for ``result()``/``poll()`` after they arrive; beyond this the
+oldest are forgotten (still readable from their reply key until ``REPLY_TTL_S``)."""
 
 
 class AsyncClient:
@@ -60,6 +64,7 @@ class AsyncClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._gate_locks: dict[int, asyncio.Lock] = {}
+        self._unclaimed: OrderedDict[str, None] = OrderedDict()
 
     async def __aenter__(self) -> AsyncClient:
         self._ensure_started()
@@ -100,6 +105,7 @@ class AsyncClient:
             ) from None
         finally:
             self._waiters.pop(request_id, None)
+            self._unclaimed.pop(request_id, None)
         return self.core.check(reply)
 
     async def poll(self, request_id: str) -> dict[str, Any] | None:
@@ -109,6 +115,7 @@ class AsyncClient:
             if not waiter.done():
                 return None
             self._waiters.pop(request_id, None)
+            self._unclaimed.pop(request_id, None)
             return self.core.check(waiter.result())
         raw = await self.redis.lindex(self.core.reply_key(request_id), 0)  # type: ignore[misc]
         return None if raw is None else self.core.check(self.core.decode_reply(raw))
@@ -139,6 +146,7 @@ class AsyncClient:
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(BalesError("client closed before the reply arrived"))
+                waiter.exception()  # mark retrieved: submit-only callers never await it
         with contextlib.suppress(RedisError):
             await self.redis.delete(self.inbox)
         await self.redis.aclose()
@@ -218,6 +226,12 @@ class AsyncClient:
     def _deliver(self, documents: list[bytes]) -> None:
         for raw in documents:
             reply = self.core.decode_reply(raw)
-            waiter = self._waiters.get(str(reply.get("request_id")))
+            request_id = str(reply.get("request_id"))
+            waiter = self._waiters.get(request_id)
             if waiter is not None and not waiter.done():
                 waiter.set_result(reply)
+                self._unclaimed[request_id] = None
+        while len(self._unclaimed) > MAX_UNCLAIMED_REPLIES:
+            # submit() without result(): forget the oldest; result() still finds its reply key
+            oldest, _ = self._unclaimed.popitem(last=False)
+            self._waiters.pop(oldest, None)

@@ -1,0 +1,537 @@
+"""The fault scoreboard: real redis-server, real consumer processes, a real producer.
+
+Each scenario injects one fault during traffic, then checks the invariant over every run:
+each accepted request has exactly one final reply; after the drain, lag 0 and pending 0.
+One row per scenario: lost (accepted, never answered), duplicate replies, and the
+scenario's own figures. Run: ``python -m benchmarks.faults`` (``--only kill,sigterm``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import redis.asyncio as aioredis
+from bales_producer import AsyncClient, KeySpace
+
+from bales_stream.embedded_redis import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+INPUTS = np.random.default_rng(0).standard_normal((256, 128)).astype(np.float32)
+
+
+@dataclass
+class Row:
+    """One line of the scoreboard."""
+
+    scenario: str
+    lost: int = 0
+    duplicate_replies: int = 0
+    figures: dict[str, Any] = field(default_factory=dict)
+    ok: bool = True
+
+    def line(self) -> str:
+        figures = ", ".join(f"{k} {v}" for k, v in self.figures.items())
+        verdict = "PASS" if self.ok and self.lost == 0 and self.duplicate_replies == 0 else "FAIL"
+        return (
+            f"{verdict}  {self.scenario:<34} lost {self.lost:<4} dup-replies "
+            f"{self.duplicate_replies:<3} {figures}"
+        )
+
+
+class Consumer:
+    """One ``python consumer.py`` process."""
+
+    def __init__(self, redis_url: str, prefix: str, name: str, **env: str) -> None:
+        self.port = free_port()
+        self.name = name
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "KEY_PREFIX": prefix,
+            "CONSUMER_NAME": name,
+            "PORT": str(self.port),
+            "LOG_LEVEL": "warning",
+            "REPLY_TTL_S": "900",
+            "CLAIM_IDLE_MS": "1000",
+            "REDIS_TIMEOUT_S": "2",
+            **env,
+        }
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> Consumer:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "consumer.py", cwd=ROOT, env=self.env
+        )
+        await self.wait_ready()
+        return self
+
+    async def wait_ready(self, timeout_s: float = 60) -> None:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    async with session.get(f"http://127.0.0.1:{self.port}/ready") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def stop(self) -> int | None:
+        if self.alive:
+            self.signal(signal.SIGTERM)
+        return await self.process.wait() if self.process else None
+
+
+class Harness:
+    """A private Redis (AOF, fsync always), a key space, consumers and a steady producer."""
+
+    def __init__(self) -> None:
+        self.redis_server = RedisServer(
+            None, None, "--appendonly", "yes", "--appendfsync", "always"
+        ).start()
+        self.url = self.redis_server.url
+        self.prefix = f"f{uuid.uuid4().hex[:8]}"
+        self.keys = KeySpace(self.prefix)
+        self.redis = aioredis.Redis.from_url(self.url)
+        self.consumers: list[Consumer] = []
+        self.accepted: list[str] = []
+
+    async def add_consumer(self, **env: str) -> Consumer:
+        consumer = await Consumer(self.url, self.prefix, f"c{len(self.consumers)}", **env).start()
+        self.consumers.append(consumer)
+        return consumer
+
+    async def produce(self, rate: float, duration_s: float, **options: Any) -> None:
+        """Submit at a steady ``rate`` for ``duration_s``; remember every accepted id."""
+        async with AsyncClient(self.url, prefix=self.prefix) as client:
+            start_s = time.perf_counter()
+            sent = 0
+            while (elapsed_s := time.perf_counter() - start_s) < duration_s:
+                due = int(elapsed_s * rate) - sent
+                if due > 0:
+                    ids = await asyncio.gather(
+                        *(
+                            client.submit(
+                                "stub_v1",
+                                INPUTS[(sent + i) % len(INPUTS)],
+                                priority=(sent + i) % 3,
+                                timeout_s=600,
+                                **options,
+                            )
+                            for i in range(due)
+                        ),
+                        return_exceptions=True,
+                    )
+                    self.accepted += [i for i in ids if isinstance(i, str)]
+                    sent += due
+                await asyncio.sleep(0.005)
+
+    async def answered(self, ids: list[str]) -> int:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.exists(self.keys.reply(request_id))
+            return sum(await pipe.execute())
+
+    async def wait_answered(self, ids: list[str], timeout_s: float = 120) -> float:
+        started_s = time.perf_counter()
+        async with asyncio.timeout(timeout_s):
+            while await self.answered(ids) < len(ids):
+                await asyncio.sleep(0.05)
+        return time.perf_counter() - started_s
+
+    async def verdict(self, row: Row, ids: list[str] | None = None) -> Row:
+        """Check the invariant after the drain: exactly one reply each, lag 0, pending 0."""
+        ids = self.accepted if ids is None else ids
+        with_timeout = await self._wait_quietly(ids)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.llen(self.keys.reply(request_id))
+            lengths = await pipe.execute()
+        row.lost += sum(1 for n in lengths if n == 0)
+        row.duplicate_replies += sum(1 for n in lengths if n > 1)
+        lag, pending = await self.lag_and_pending()
+        row.figures.update({"accepted": len(ids), "lag": lag, "pending": pending})
+        row.ok = row.ok and with_timeout and lag == 0 and pending == 0
+        return row
+
+    async def _wait_quietly(self, ids: list[str]) -> bool:
+        try:
+            await self.wait_answered(ids)
+        except TimeoutError:
+            return False
+        try:
+            async with asyncio.timeout(60):
+                while any(await self.lag_and_pending()):
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            return False
+        return True
+
+    async def lag_and_pending(self) -> tuple[int, int]:
+        lag = pending = 0
+        for stream in self.keys.streams:
+            for group in await self.redis.xinfo_groups(stream):
+                lag += group.get("lag") or 0
+                pending += group["pending"]
+        return lag, pending
+
+    async def close(self) -> None:
+        for consumer in self.consumers:
+            await consumer.stop()
+        await self.redis.aclose()
+        self.redis_server.stop()
+
+
+async def kill_one_of_two(runs: int) -> Row:
+    """1. SIGKILL 1 of 2 consumers at a steady 2,000 req/s, at a random moment."""
+    row = Row("1 SIGKILL 1 of 2 at 2,000 req/s")
+    recoveries, reclaimed = [], []
+    for _ in range(runs):
+        harness = Harness()
+        try:
+            victim = await harness.add_consumer()
+            await harness.add_consumer()
+            traffic = asyncio.create_task(harness.produce(2000, 4.0))
+            await asyncio.sleep(random.uniform(0.5, 3.0))  # the random moment of the fault
+            victim.signal(signal.SIGKILL)
+            before_kill = list(harness.accepted)
+            recoveries.append(await harness.wait_answered(before_kill))
+            await traffic
+            await harness.verdict(row)
+            reclaimed.append(await reclaimed_by(harness.consumers[1]))
+        finally:
+            await harness.close()
+    row.figures.update(
+        {"runs": runs, "recovery_s_max": f"{max(recoveries):.2f}", "reclaimed_max": max(reclaimed)}
+    )
+    return row
+
+
+async def reclaimed_by(consumer: Consumer) -> int:
+    """The consumer's bales_reclaimed_total: entries it took over (an upper bound on
+    duplicate computations, which happen only for entries the dead one was computing)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{consumer.port}/metrics") as response,
+    ):
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith("bales_reclaimed_total"):
+            return int(float(line.split()[1]))
+    return 0
+
+
+async def redis_crash_and_restart() -> Row:
+    """3. kill -9 redis-server (AOF, fsync always), then a graceful restart, during traffic."""
+    row = Row("3 Redis kill -9 + restart (AOF)")
+    harness = Harness()
+    try:
+        await harness.add_consumer()
+        await harness.add_consumer()
+        traffic = asyncio.create_task(harness.produce(1000, 6.0))
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(harness.redis_server.kill)
+        await asyncio.to_thread(harness.redis_server.start)
+        back_s = await time_until_ready(harness)
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(harness.redis_server.stop_gracefully)
+        await asyncio.to_thread(harness.redis_server.start)
+        back_s = max(back_s, await time_until_ready(harness))
+        await traffic
+        await harness.verdict(row)
+        row.figures["consumer_restarts"] = sum(not c.alive for c in harness.consumers)
+        row.figures["back_to_ready_s"] = f"{back_s:.2f}"
+        row.ok = row.ok and row.figures["consumer_restarts"] == 0
+    finally:
+        await harness.close()
+    return row
+
+
+async def time_until_ready(harness: Harness) -> float:
+    started_s = time.perf_counter()
+    harness.redis = aioredis.Redis.from_url(harness.url)
+    for consumer in harness.consumers:
+        await consumer.wait_ready()
+    return time.perf_counter() - started_s
+
+
+async def redis_stall() -> Row:
+    """4. Redis frozen (SIGSTOP) for 3x CLAIM_IDLE_MS during traffic."""
+    row = Row("4 Redis stall 3x CLAIM_IDLE_MS")
+    harness = Harness()
+    try:
+        await harness.add_consumer()
+        await harness.add_consumer()
+        traffic = asyncio.create_task(harness.produce(1000, 5.0))
+        await asyncio.sleep(1.5)
+        pid = harness.redis_server.process.pid  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGSTOP)
+        await asyncio.sleep(3.0)  # the fault: 3 x CLAIM_IDLE_MS (1000 ms)
+        os.kill(pid, signal.SIGCONT)
+        await traffic
+        await harness.verdict(row)
+        row.figures["consumer_restarts"] = sum(not c.alive for c in harness.consumers)
+    finally:
+        await harness.close()
+    return row
+
+
+MALFORMED: list[dict[str, Any]] = [
+    {"model_id": "stub_v1", "input": "[1,2,3]"},  # wrong length
+    {"model_id": "stub_v1", "input": "[1, 2"},  # bad JSON
+    {"model_id": "stub_v1", "input": '{"a": 1}'},  # not an array
+    {"model_id": "stub_v1", "input": "[NaN" + ",1" * 127 + "]"},  # NaN
+    {"model_id": "stub_v1", "input": "[1e400" + ",1" * 127 + "]"},  # overflow
+    {"model_id": "stub_v1", "input": json.dumps(["x"] * 128)},  # strings
+    {"model_id": "stub_v1", "input": "[[1,2],[3]]"},  # ragged
+    {"model_id": "stub_v1", "input": b"\x00\x01\x02", "encoding": "f32"},  # bad f32
+    {"model_id": "stub_v1", "input": b"\x00" * 16, "encoding": "f32"},  # short f32
+    {"model_id": "stub_v1", "input": "[1]", "encoding": "msgpack"},  # encoding
+    {"model_id": "nope", "input": "[1]"},  # unknown model
+    {"model_id": "stub_v1", "input": "[1]", "model_type": "embedding"},  # wrong type
+    {"model_id": "stub_v1", "input": "[1]", "timeout_ms": "soon"},  # bad timeout
+    {"model_id": "stub_v1"},  # no input
+    {"input": "[1]"},  # no model
+    {"model_id": "stub_v1", "input": "[" + "1," * 600_000 + "1]"},  # too big
+    {"model_id": "stub_v1", "input": "[1]", "reply_to": "elsewhere"},  # bad reply_to
+]
+EXPECTED_CODES = {"unknown_model": {10}, "invalid_request": set(range(17)) - {10}}
+
+
+async def malformed_mix() -> Row:
+    """5. 1,000 valid requests mixed with malformed ones of 17 kinds (plus no request_id)."""
+    row = Row("5 1,000 valid + 17 kinds malformed")
+    harness = Harness()
+    try:
+        await harness.add_consumer()
+        entries: list[tuple[str, dict[str, Any], int | None]] = []
+        for i in range(1000):
+            entries.append(
+                (
+                    f"v-{i}",
+                    {"model_id": "stub_v1", "input": INPUTS[i % 256].tobytes(), "encoding": "f32"},
+                    None,
+                )
+            )
+            if i % 20 == 0:
+                kind = (i // 20) % len(MALFORMED)
+                entries.append((f"m-{i}", MALFORMED[kind], kind))
+        async with harness.redis.pipeline(transaction=False) as pipe:
+            for request_id, fields, _ in entries:
+                pipe.xadd(harness.keys.stream(1), {"request_id": request_id, **fields})
+            for _ in range(5):
+                pipe.xadd(harness.keys.stream(2), {"model_id": "stub_v1"})  # no request_id
+            await pipe.execute()
+        ids = [request_id for request_id, _, _ in entries]
+        await harness.verdict(row, ids)
+        wrong = 0
+        for request_id, _, kind in entries:
+            reply = json.loads(
+                await harness.redis.lindex(harness.keys.reply(request_id), 0) or "{}"
+            )
+            if kind is None:
+                wrong += reply.get("status") != "ok"
+            else:
+                code = reply.get("error", {}).get("code")
+                wrong += kind not in EXPECTED_CODES.get(code, set())
+        dead = await harness.redis.xlen(harness.keys.dead_letter)
+        row.figures.update(
+            {
+                "wrong_replies": wrong,
+                "dead_lettered": dead,
+                "consumer_restarts": sum(not c.alive for c in harness.consumers),
+            }
+        )
+        row.ok = row.ok and wrong == 0 and dead == 5 and harness.consumers[0].alive
+    finally:
+        await harness.close()
+    return row
+
+
+async def overload() -> Row:
+    """7. 3x capacity for 10 s with a 500 ms timeout (capacity capped: 1 thread, batch 1).
+
+    The load is plain pipelined XADDs (a cheap producer), so the consumer, not the load
+    generator, is what saturates on these shared cores."""
+    row = Row("7 overload 3x capacity, 500 ms timeout")
+    harness = Harness()
+    try:
+        await harness.add_consumer(MAX_BATCH_SIZE="1", THREAD_POOL_SIZE="1", BATCH_WINDOW_MS="0")
+        capacity = await measure_capacity(harness)
+        rate = 3 * capacity
+        max_length, sent = 0, []
+        start_s = time.perf_counter()
+        while (elapsed_s := time.perf_counter() - start_s) < 10.0:
+            due = int(elapsed_s * rate) - len(sent)
+            if due > 0:
+                sent += await xadd_batch(harness, len(sent), due, "o", timeout_ms=500)
+                lengths = [await harness.redis.xlen(s) for s in harness.keys.streams]
+                max_length = max(max_length, sum(lengths))
+            await asyncio.sleep(0.01)
+        after = await xadd_batch(harness, 0, 300, "after", timeout_ms=5000)
+        harness.accepted = sent + after
+        await harness.verdict(row)
+        replies = [await reply_doc(harness, request_id) for request_id in sent]
+        late = sum(1 for r in replies if r.get("status") == "ok" and r["queued_ms"] > 500)
+        p0 = [r for r in replies if r.get("priority") == 0]
+        p0_in_time = sum(1 for r in p0 if r.get("status") == "ok" and r["latency_ms"] <= 500)
+        after_ok = sum([(await reply_doc(harness, i)).get("status") == "ok" for i in after])
+        row.figures.update(
+            {
+                "capacity_rps": round(capacity),
+                "offered_rps": round(rate),
+                "computed_after_expiry": late,
+                "expired": sum(1 for r in replies if r.get("error", {}).get("code") == "expired"),
+                "p0_ok_in_time": f"{p0_in_time}/{len(p0)}",
+                "max_stream_len": max_length,
+                "after_ok": f"{after_ok}/{len(after)}",
+            }
+        )
+        row.ok = row.ok and late == 0 and after_ok == len(after)
+    finally:
+        await harness.close()
+    return row
+
+
+async def xadd_batch(
+    harness: Harness, first: int, count: int, tag: str, timeout_ms: int
+) -> list[str]:
+    ids = [f"{tag}-{i}" for i in range(first, first + count)]
+    async with harness.redis.pipeline(transaction=False) as pipe:
+        for n, request_id in enumerate(ids, start=first):
+            pipe.xadd(
+                harness.keys.stream(n % 3),
+                {
+                    "request_id": request_id,
+                    "model_id": "stub_v1",
+                    "encoding": "f32",
+                    "input": INPUTS[n % 256].tobytes(),
+                    "timeout_ms": str(timeout_ms),
+                },
+            )
+        await pipe.execute()
+    return ids
+
+
+async def reply_doc(harness: Harness, request_id: str) -> dict[str, Any]:
+    raw = await harness.redis.lindex(harness.keys.reply(request_id), 0)
+    return json.loads(raw) if raw else {}
+
+
+async def measure_capacity(harness: Harness) -> float:
+    started_s = time.perf_counter()
+    ids = await xadd_batch(harness, 0, 3000, "cap", timeout_ms=60_000)
+    await harness.wait_answered(ids)
+    return len(ids) / (time.perf_counter() - started_s)
+
+
+async def sigterm_during_traffic() -> Row:
+    """8. SIGTERM a consumer during traffic: it drains within the grace period."""
+    row = Row("8 SIGTERM during traffic")
+    harness = Harness()
+    try:
+        leaving = await harness.add_consumer(SHUTDOWN_GRACE_S="10")
+        await harness.add_consumer()
+        traffic = asyncio.create_task(harness.produce(2000, 4.0))
+        await asyncio.sleep(2.0)
+        started_s = time.perf_counter()
+        leaving.signal(signal.SIGTERM)
+        code = await leaving.process.wait()  # type: ignore[union-attr]
+        exit_s = time.perf_counter() - started_s
+        await traffic
+        await harness.verdict(row)
+        reclaimed = await reclaimed_by(harness.consumers[1])
+        row.figures.update(
+            {"exit_code": code, "exit_s": f"{exit_s:.2f}", "reclaimed_by_other": reclaimed}
+        )
+        row.ok = row.ok and code == 0 and exit_s < 10 and reclaimed == 0
+    finally:
+        await harness.close()
+    return row
+
+
+async def churn(duration_s: float) -> Row:
+    """9. Consumers churn 1 -> 4 -> 1 every few seconds (SIGTERM) under steady traffic."""
+    row = Row(f"9 churn 1->4->1 for {duration_s:.0f} s")
+    harness = Harness()
+    try:
+        await harness.add_consumer()
+        traffic = asyncio.create_task(harness.produce(1000, duration_s))
+        cycles = 0
+        while not traffic.done():
+            extra = [await harness.add_consumer() for _ in range(3)]
+            await asyncio.sleep(2.0)
+            for consumer in extra:
+                await consumer.stop()
+            await asyncio.sleep(1.0)
+            cycles += 1
+        await harness.verdict(row)
+        names = set()
+        for stream in harness.keys.streams:
+            names |= {
+                c["name"]
+                for c in await harness.redis.xinfo_consumers(stream, "bales")
+                if c["pending"]
+            }
+        row.figures.update({"cycles": cycles, "consumers_with_leaked_pending": len(names)})
+        row.ok = row.ok and not names
+    finally:
+        await harness.close()
+    return row
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[Row]]] = {
+    "kill": lambda args: kill_one_of_two(args.runs),
+    "redis-crash": lambda args: redis_crash_and_restart(),
+    "redis-stall": lambda args: redis_stall(),
+    "malformed": lambda args: malformed_mix(),
+    "overload": lambda args: overload(),
+    "sigterm": lambda args: sigterm_during_traffic(),
+    "churn": lambda args: churn(args.churn_s),
+}
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    chosen = args.only.split(",") if args.only else list(SCENARIOS)
+    print("=== bales-stream fault scoreboard ===")
+    failed = 0
+    for name in chosen:
+        row = await SCENARIOS[name](args)
+        print(row.line(), flush=True)
+        failed += not (row.ok and row.lost == 0 and row.duplicate_replies == 0)
+    print(f"{len(chosen) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
+    parser.add_argument("--runs", type=int, default=10, help="runs of the SIGKILL scenario")
+    parser.add_argument("--churn-s", type=float, default=60.0, help="length of the churn run")
+    sys.exit(asyncio.run(main_async(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
