@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,12 @@ import redis.asyncio as aioredis
 from bales_producer import AsyncClient, KeySpace
 
 from bales_stream.embedded_redis import RedisServer, free_port
+from bales_stream.metrics import Metrics
+from bales_stream.settings import load_settings
+from bales_stream.worker import Worker
+
+from . import fault_models
+from .fault_proxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 INPUTS = np.random.default_rng(0).standard_normal((256, 128)).astype(np.float32)
@@ -207,7 +215,7 @@ class Harness:
 async def kill_one_of_two(runs: int) -> Row:
     """1. SIGKILL 1 of 2 consumers at a steady 2,000 req/s, at a random moment."""
     row = Row("1 SIGKILL 1 of 2 at 2,000 req/s")
-    recoveries, reclaimed = [], []
+    recoveries, reclaimed, accepted = [], [], 0
     for _ in range(runs):
         harness = Harness()
         try:
@@ -220,6 +228,7 @@ async def kill_one_of_two(runs: int) -> Row:
             recoveries.append(await harness.wait_answered(before_kill))
             await traffic
             await harness.verdict(row)
+            accepted += len(harness.accepted)
             reclaimed.append(await reclaimed_by(harness.consumers[1]))
         finally:
             await harness.close()
@@ -229,18 +238,23 @@ async def kill_one_of_two(runs: int) -> Row:
     return row
 
 
-async def reclaimed_by(consumer: Consumer) -> int:
-    """The consumer's bales_reclaimed_total: entries it took over (an upper bound on
-    duplicate computations, which happen only for entries the dead one was computing)."""
+async def metric(consumer: Consumer, name: str) -> int:
+    """A counter of a consumer, read from its /metrics."""
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{consumer.port}/metrics") as response,
     ):
         text = await response.text()
     for line in text.splitlines():
-        if line.startswith("bales_reclaimed_total"):
+        if line.startswith(name + " "):
             return int(float(line.split()[1]))
     return 0
+
+
+async def reclaimed_by(consumer: Consumer) -> int:
+    """Entries the consumer took over: an upper bound on duplicate computations, which can
+    only happen for entries the dead consumer was computing when it died."""
+    return await metric(consumer, "bales_reclaimed_total")
 
 
 async def redis_crash_and_restart() -> Row:
@@ -296,6 +310,158 @@ async def redis_stall() -> Row:
     finally:
         await harness.close()
     return row
+
+
+async def partition() -> Row:
+    """4b. One of two consumers cut off from Redis (a blackholing TCP proxy) for 3 s."""
+    row = Row("4b consumer cut off from Redis 3 s")
+    harness = Harness()
+    proxy = await FaultProxy("127.0.0.1", harness.redis_server.port).start()
+    try:
+        cut_off = Consumer(proxy.url(), harness.prefix, "cut-off")
+        harness.consumers.append(await cut_off.start())
+        await harness.add_consumer()
+        traffic = asyncio.create_task(harness.produce(1000, 6.0))
+        await asyncio.sleep(1.5)
+        proxy.blackhole()
+        await asyncio.sleep(3.0)  # the fault: 3 x CLAIM_IDLE_MS without Redis
+        proxy.heal()
+        await traffic
+        await harness.verdict(row)
+        stale = await metric(cut_off, "bales_stale_completions_total")
+        row.figures.update(
+            {
+                "stale_writes_fenced": stale,
+                "reclaimed_by_other": await metric(harness.consumers[1], "bales_reclaimed_total"),
+                "consumer_restarts": sum(not c.alive for c in harness.consumers),
+            }
+        )
+    finally:
+        await harness.close()
+        await proxy.stop()
+    return row
+
+
+@contextlib.asynccontextmanager
+async def in_process_worker(harness: Harness, **overrides: Any) -> AsyncIterator[Worker]:
+    """A worker in this process (so a misbehaving model can be swapped in), on the
+    harness's real Redis."""
+    settings = load_settings(
+        redis_url=harness.url,
+        key_prefix=harness.prefix,
+        consumer_name=f"w-{uuid.uuid4().hex[:6]}",
+        port=0,
+        weights_dir=ROOT / "weights",
+        reply_ttl_s=900,
+        **overrides,
+    )
+    client = aioredis.Redis.from_url(harness.url, socket_keepalive=True)
+    worker = Worker(settings, client, Metrics())
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+        await client.aclose()
+
+
+async def slow_batch() -> Row:
+    """2. Batches taking 2.5x CLAIM_IDLE_MS, two consumers: nothing is computed twice."""
+    row = Row("2 slow batch 2.5x CLAIM_IDLE_MS")
+    harness = Harness()
+    claim_idle_ms = 400
+    try:
+        async with (
+            in_process_worker(harness, claim_idle_ms=claim_idle_ms) as first,
+            in_process_worker(harness, claim_idle_ms=claim_idle_ms) as second,
+        ):
+            models = []
+            for worker in (first, second):
+                base = worker.registry.get("stub_v1").module  # type: ignore[union-attr]
+                models.append(fault_models.Slow(base, delay_s=2.5 * claim_idle_ms / 1000))
+                fault_models.swap_module(worker.registry, "stub_v1", models[-1])
+            harness.accepted = await xadd_batch(harness, 0, 200, "slow", timeout_ms=120_000)
+            await harness.verdict(row)
+            computed = sum(model.rows for model in models)
+            stolen = sum(w.metrics.reclaimed._value.get() for w in (first, second))
+        row.figures.update(
+            {"duplicate_computations": computed - len(harness.accepted), "reclaimed": int(stolen)}
+        )
+        row.ok = row.ok and computed == len(harness.accepted) and stolen == 0
+    finally:
+        await harness.close()
+    return row
+
+
+async def poison(rounds: int = 3) -> Row:
+    """6. One poison request per 1,000: dead-lettered after exactly MAX_DELIVERIES, and the
+    healthy throughput stays near the same run's baseline (alternating runs, medians)."""
+    row = Row("6 poison 1 per 1,000")
+    harness = Harness()
+    try:
+        async with in_process_worker(harness, claim_idle_ms=300, max_deliveries=3) as worker:
+            healthy = worker.registry.get("stub_v1").module  # type: ignore[union-attr]
+            model = fault_models.PoisonSensitive(healthy)
+            fault_models.swap_module(worker.registry, "stub_v1", model)
+            rates: dict[str, list[float]] = {"base": [], "pois": []}
+            for n in range(rounds):
+                for tag, every in (("base", None), ("pois", 1000)):
+                    rates[tag].append(await drain_rate(harness, worker, f"{tag}{n}", every))
+            await harness.verdict(row)
+            dead = await harness.redis.xlen(harness.keys.dead_letter)
+            poisons = [f"pois{n}-{i}" for n in range(rounds) for i in range(0, 10_000, 1000)]
+            codes = [(await reply_doc(harness, p)).get("error", {}).get("code") for p in poisons]
+        ratio = statistics.median(rates["pois"]) / statistics.median(rates["base"])
+        row.figures.update(
+            {
+                "poison": len(poisons),
+                "dead_lettered": dead,
+                "dead_letter_replies": codes.count("dead_letter"),
+                "computations_per_poison": model.poison_calls / len(poisons),
+                "throughput_vs_baseline": f"{ratio:.0%}",
+            }
+        )
+        row.ok = (
+            row.ok
+            and dead == len(poisons)
+            and codes.count("dead_letter") == len(poisons)
+            and model.poison_calls == 3 * len(poisons)
+            and ratio >= 0.95
+        )
+    finally:
+        await harness.close()
+    return row
+
+
+async def drain_rate(
+    harness: Harness, worker: Worker, tag: str, poison_every: int | None, count: int = 10_000
+) -> float:
+    """Healthy requests per second, answering ``count`` requests enqueued at once (timed by
+    the worker's own ok counter, so measuring adds no load)."""
+    ok = worker.metrics.requests.labels("stub_v1", "ok")
+    healthy = count - (count // poison_every if poison_every else 0)
+    target = ok._value.get() + healthy
+    started_s = time.perf_counter()
+    async with harness.redis.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            values = INPUTS[i % 256].copy()
+            if poison_every and i % poison_every == 0:
+                values[0] = fault_models.POISON
+            pipe.xadd(
+                harness.keys.stream(mixed_priority(i)),
+                {
+                    "request_id": f"{tag}-{i}",
+                    "model_id": "stub_v1",
+                    "encoding": "f32",
+                    "input": values.tobytes(),
+                    "timeout_ms": "120000",
+                },
+            )
+        await pipe.execute()
+    while ok._value.get() < target:
+        await asyncio.sleep(0.005)
+    harness.accepted += [f"{tag}-{i}" for i in range(count)]
+    return healthy / (time.perf_counter() - started_s)
 
 
 MALFORMED: list[dict[str, Any]] = [
@@ -415,6 +581,11 @@ async def overload() -> Row:
     return row
 
 
+def mixed_priority(n: int) -> int:
+    """10% p0, 30% p1, 60% p2: urgent work is the minority, as in most deployments."""
+    return 0 if n % 10 == 0 else 1 if n % 10 < 4 else 2
+
+
 async def xadd_batch(
     harness: Harness, first: int, count: int, tag: str, timeout_ms: int
 ) -> list[str]:
@@ -422,7 +593,7 @@ async def xadd_batch(
     async with harness.redis.pipeline(transaction=False) as pipe:
         for n, request_id in enumerate(ids, start=first):
             pipe.xadd(
-                harness.keys.stream(n % 3),
+                harness.keys.stream(mixed_priority(n)),
                 {
                     "request_id": request_id,
                     "model_id": "stub_v1",
@@ -504,9 +675,12 @@ async def churn(duration_s: float) -> Row:
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[Row]]] = {
     "kill": lambda args: kill_one_of_two(args.runs),
+    "slow-batch": lambda args: slow_batch(),
     "redis-crash": lambda args: redis_crash_and_restart(),
     "redis-stall": lambda args: redis_stall(),
+    "partition": lambda args: partition(),
     "malformed": lambda args: malformed_mix(),
+    "poison": lambda args: poison(),
     "overload": lambda args: overload(),
     "sigterm": lambda args: sigterm_during_traffic(),
     "churn": lambda args: churn(args.churn_s),

@@ -91,3 +91,34 @@ async def test_a_redis_stall_longer_than_the_claim_idle_time_loses_nothing(
     pending = sum(client.xpending(s, "bales")["pending"] for s in keys.streams)
     assert pending == 0
     assert all(client.llen(keys.reply(f"s-{i}")) == 1 for i in range(400))
+
+
+@pytest.mark.slow
+async def test_a_consumer_cut_off_from_redis_is_fenced_and_loses_nothing(
+    service_factory, redis_server, prefix
+) -> None:
+    from benchmarks.fault_proxy import FaultProxy
+
+    keys = KeySpace(prefix)
+    client = redis.Redis.from_url(redis_server.url)
+    proxy = await FaultProxy("127.0.0.1", redis_server.port).start()
+    common = {"claim_idle_ms": 300, "redis_timeout_s": 0.5}
+    try:
+        async with service_factory(
+            redis_url=proxy.url(), batch_window_ms=1500, max_batch_size=256, **common
+        ) as cut_off:
+            enqueue(client, keys, range(100), "p")
+            await wait_for(lambda: len(cut_off.worker.held()) == 100)  # all read, none answered
+            proxy.blackhole()  # the partition: its lease and its replies cannot get through
+            async with service_factory(redis_url=redis_server.url, **common) as rescuer:
+                await wait_for(lambda: answered(client, keys, range(100), "p") == 100)
+                assert rescuer.worker.metrics.reclaimed._value.get() == 100
+                proxy.heal()
+                await wait_for(
+                    lambda: cut_off.worker.metrics.stale_completions._value.get() > 0, timeout_s=30
+                )
+                await wait_for(lambda: not cut_off.worker.held(), timeout_s=30)
+    finally:
+        await proxy.stop()
+    assert all(client.llen(keys.reply(f"p-{i}")) == 1 for i in range(100))
+    assert sum(client.xpending(s, "bales")["pending"] for s in keys.streams) == 0

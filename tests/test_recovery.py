@@ -4,51 +4,17 @@ dead letters, trimming, and a clean stop that leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import redis.asyncio as aioredis
-import torch
 from bales_producer import KeySpace
 
-from bales_stream.models import LoadedModel, StubNet
+from benchmarks import fault_models
 
 from .test_worker import STUB_INPUT, pending_count, reply_of, xadd
 
-POISON = 42.0
 
-
-class PoisonSensitive(StubNet):
-    """Raises on any row whose first value is 42; counts the calls on that row alone."""
-
-    def __init__(self, base: StubNet) -> None:
-        super().__init__()
-        self.load_state_dict(base.state_dict())
-        self.poison_calls = 0
-        self.lock = threading.Lock()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool((x[:, 0] == POISON).any()):
-            with self.lock:
-                self.poison_calls += x.shape[0] == 1
-            raise ValueError("poisoned input")
-        return super().forward(x)
-
-
-class Slow(StubNet):
-    def __init__(self, base: StubNet, delay_s: float) -> None:
-        super().__init__()
-        self.load_state_dict(base.state_dict())
-        self.delay_s = delay_s
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.delay_s)  # a slow model, not synchronisation
-        return super().forward(x)
-
-
-def swap_module(worker, module: StubNet) -> None:
-    current = worker.registry.get("stub_v1")
-    worker.registry._models["stub_v1"] = LoadedModel(current.spec, current.version, module)
+def swap_module(worker, module) -> None:
+    fault_models.swap_module(worker.registry, "stub_v1", module)
 
 
 async def test_a_dead_consumers_entries_are_reclaimed_and_answered(
@@ -82,11 +48,11 @@ async def test_a_poison_request_is_isolated_then_dead_lettered(
     async with service_factory(
         claim_idle_ms=200, max_deliveries=2, max_batch_size=16, batch_window_ms=50
     ) as svc:
-        model = PoisonSensitive(svc.worker.registry.get("stub_v1").module)
+        model = fault_models.PoisonSensitive(svc.worker.registry.get("stub_v1").module)
         swap_module(svc.worker, model)
         async with aredis.pipeline(transaction=False) as pipe:
             for i in range(16):
-                values = [POISON if i == 7 else 0.5, *STUB_INPUT[1:]]
+                values = [fault_models.POISON if i == 7 else 0.5, *STUB_INPUT[1:]]
                 pipe.xadd(
                     keys.stream(1),
                     {
@@ -118,13 +84,15 @@ async def test_a_slow_batch_is_not_reclaimed_by_another_consumer(
     ):
         swap_module(
             slow_svc.worker,
-            Slow(
+            fault_models.Slow(
                 slow_svc.worker.registry.get("stub_v1").module, delay_s=2.5 * claim_idle_ms / 1000
             ),
         )
         swap_module(
             helper.worker,
-            Slow(helper.worker.registry.get("stub_v1").module, delay_s=2.5 * claim_idle_ms / 1000),
+            fault_models.Slow(
+                helper.worker.registry.get("stub_v1").module, delay_s=2.5 * claim_idle_ms / 1000
+            ),
         )
         for i in range(6):
             await xadd(aredis, keys, request_id=f"slow-{i}", timeout_ms="30000")

@@ -93,3 +93,29 @@ async def test_queue_stats_report_length_lag_and_pending(store, aredis, keys):
     stats = await store.queue_stats()
     assert (stats[2].length, stats[2].lag, stats[2].pending) == (10, 7, 3)
     assert (stats[0].length, stats[0].pending) == (0, 0)
+
+
+async def test_the_lease_refreshes_ours_skips_acked_and_reports_stolen(store, aredis, keys):
+    await fill(aredis, keys, 1, 3)
+    mine, acked, stolen = await store.read(count=8, share=1, block_ms=100)
+    await aredis.xack(keys.stream(1), "bales", acked.entry_id)
+    await aredis.xclaim(keys.stream(1), "bales", "thief", 0, [stolen.entry_id])
+    held = [(1, mine.entry_id), (1, acked.entry_id), (1, stolen.entry_id)]
+    before = await aredis.xpending_range(keys.stream(1), "bales", mine.entry_id, mine.entry_id, 1)
+    assert await store.refresh_lease(held) == 1  # only the stolen one counts as lost
+    after = await aredis.xpending_range(keys.stream(1), "bales", mine.entry_id, mine.entry_id, 1)
+    assert after[0]["consumer"] == b"me"
+    assert after[0]["times_delivered"] == before[0]["times_delivered"]  # JUSTID: not a delivery
+    thief = await aredis.xpending_range(
+        keys.stream(1), "bales", stolen.entry_id, stolen.entry_id, 1
+    )
+    assert thief[0]["consumer"] == b"thief"  # never taken back
+
+
+async def test_reclaim_takes_idle_entries_and_reports_deliveries(store, aredis, keys):
+    await fill(aredis, keys, 0, 2)
+    await aredis.xreadgroup("bales", "dead", {keys.stream(0): ">"}, count=2)
+    claimed = await store.reclaim(0, "0-0", min_idle_ms=0, count=10)
+    assert [e.fields[b"request_id"] for e in claimed.entries] == [b"p0-0", b"p0-1"]
+    assert set(claimed.deliveries.values()) == {2}
+    assert claimed.cursor == "0-0"  # one pass covered everything
