@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
 from bales_producer import KeySpace
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bales_stream.embedded_redis import RedisServer
 
@@ -122,3 +126,63 @@ async def test_a_consumer_cut_off_from_redis_is_fenced_and_loses_nothing(
         await proxy.stop()
     assert all(client.llen(keys.reply(f"p-{i}")) == 1 for i in range(100))
     assert sum(client.xpending(s, "bales")["pending"] for s in keys.streams) == 0
+
+
+field_values = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b"stub_v1", b"f32", b"json", b"100", b"[1,2]", b"", b"bales:inbox:x"]),
+)
+entries_strategy = st.lists(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "request_id",
+                "model_id",
+                "input",
+                "encoding",
+                "model_type",
+                "timeout_ms",
+                "reply_to",
+                "extra",
+            ]
+        ),
+        field_values,
+        min_size=1,
+        max_size=8,
+    ),
+    min_size=150,
+    max_size=150,
+)
+
+
+@pytest.mark.slow
+@settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
+@given(entries=entries_strategy)
+async def test_arbitrary_entries_are_answered_or_dead_lettered(
+    service_factory, redis_server, entries
+) -> None:
+    keys = KeySpace(f"h{uuid.uuid4().hex[:10]}")
+    client = redis.Redis.from_url(redis_server.url)
+    async with service_factory(key_prefix=keys.prefix) as svc:
+        pipe = client.pipeline(transaction=False)
+        for i, fields in enumerate(entries):
+            pipe.xadd(keys.stream(i % 3), fields or {"extra": b""})
+        valid_ids = [e.get("request_id", b"") for e in entries]
+        pipe.execute()
+        enqueued = len(entries)
+
+        def settled() -> bool:
+            lengths = [client.xlen(s) for s in keys.streams]
+            pending = sum(client.xpending(s, "bales")["pending"] for s in keys.streams)
+            groups = [g for s in keys.streams for g in client.xinfo_groups(s)]
+            return sum(lengths) == enqueued and pending == 0 and all(g["lag"] == 0 for g in groups)
+
+        await wait_for(settled, timeout_s=30)
+        assert svc.worker.status.ready  # it never crashed or stalled
+    dead = client.xlen(keys.dead_letter)
+    usable = {i for i in valid_ids if re.fullmatch(rb"[A-Za-z0-9._:-]{1,128}", i)}
+    for request_id in usable:
+        reply = json.loads(client.lindex(keys.reply(request_id.decode()), 0))
+        code = reply.get("error", {}).get("code")
+        assert reply["status"] == "ok" or code in {"invalid_request", "unknown_model", "expired"}
+    assert dead >= enqueued - sum(valid_ids.count(i) for i in usable)
