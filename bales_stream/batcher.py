@@ -78,12 +78,20 @@ class Batcher(Generic[T]):
         self.aging_s = aging_ms / 1000
         self._clock = clock
         self._queues: dict[str, _ModelQueue[T]] = {}
+        self._limits: dict[str, tuple[int, float]] = {}
         self._size = 0
         self._changed = asyncio.Event()
         self._room = asyncio.Event()
 
     def __len__(self) -> int:
         return self._size
+
+    def set_limits(self, model_id: str, max_batch_size: int, window_ms: float) -> None:
+        """Give one model its own batch size and window (others keep the defaults)."""
+        self._limits[model_id] = (max_batch_size, window_ms / 1000)
+
+    def _limits_of(self, model_id: str) -> tuple[int, float]:
+        return self._limits.get(model_id, (self.max_batch_size, self.window_s))
 
     def put(self, item: T) -> None:
         """Add one item; wakes ``next_batch`` if this completes a batch."""
@@ -126,10 +134,11 @@ class Batcher(Generic[T]):
     def _most_urgent(self, now_s: float) -> tuple[str | None, float]:
         best: tuple[str | None, float] = (None, float("inf"))
         for model_id, queue in self._queues.items():
-            if queue.count >= self.max_batch_size:
+            max_batch_size, window_s = self._limits_of(model_id)
+            if queue.count >= max_batch_size:
                 ready_at_s = now_s
             else:
-                ready_at_s = queue.oldest_arrival_s() + self.window_s
+                ready_at_s = queue.oldest_arrival_s() + window_s
             if ready_at_s < best[1]:
                 best = (model_id, ready_at_s)
         return best
@@ -137,9 +146,8 @@ class Batcher(Generic[T]):
     def _take(self, model_id: str, now_s: float) -> list[T]:
         queue = self._queues[model_id]
         aged_before_s = now_s - self.aging_s
-        batch = [
-            queue.pop_next(aged_before_s) for _ in range(min(queue.count, self.max_batch_size))
-        ]
+        size = min(queue.count, self._limits_of(model_id)[0])
+        batch = [queue.pop_next(aged_before_s) for _ in range(size)]
         if queue.count == 0:
             del self._queues[model_id]
         self._size -= len(batch)

@@ -1,14 +1,18 @@
-"""Served models: the ``LoadedModel`` contract, the built-in stub and safe weight loading.
+"""Served models: loading TorchScript, ``torch.export`` (.pt2) and state_dict files, the
+built-in stub, and the ``LoadedModel`` every batch runs on.
 
-The model contract: ``predict(batch)`` takes a float32 array of shape
-``(batch_size, *input_shape)`` and returns one result dict per row, same length, same order.
-Weights are only ever read with ``torch.load(weights_only=True)``: no arbitrary unpickling.
+The model contract: the module takes a float32 tensor of shape ``(batch, *input_shape)`` and
+returns a tensor with one row per input, same order; the model type (``model_types``) turns
+the rows into result dicts. state_dict files are only ever read with
+``torch.load(weights_only=True)``: no arbitrary unpickling; every file comes from
+WEIGHTS_DIR (see ``registry.confine``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,8 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .model_config import ModelConfig, stub_config
+from .model_types import Classification, ModelType, make_model_type
 from .protocol import ModelSpec
 
 CLASSIFICATION = "classification"
@@ -59,13 +65,18 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:12]
 
 
+ARCHITECTURES: dict[str, type[nn.Module]] = {"stub": StubNet}
+"""Built-in architectures that ``state_dict`` weight files can be loaded into."""
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """One immutable, warmed-up model version. Swapping models swaps these references."""
 
     spec: ModelSpec
     version: str
-    module: nn.Module
+    module: Callable[[torch.Tensor], torch.Tensor]
+    kind: ModelType = field(default_factory=Classification)
 
     @property
     def model_id(self) -> str:
@@ -73,51 +84,91 @@ class LoadedModel:
         return self.spec.model_id
 
     def predict(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        """Classify a batch (run it in the executor, never on the event loop)."""
+        """Run a batch through the model and its type's post-processing (in the executor,
+        never on the event loop)."""
         with torch.inference_mode():
-            logits = self.module(torch.from_numpy(batch))
-            confidence, label = torch.softmax(logits, dim=1).max(dim=1)
-        return [
-            {"label": lab, "confidence": conf}
-            for lab, conf in zip(label.tolist(), confidence.tolist(), strict=True)
-        ]
+            outputs = self.module(torch.from_numpy(batch))
+            return self.kind.postprocess(outputs)
 
     def warm_up(self) -> None:
-        """Run one dummy batch so the first real batch pays no first-call cost."""
-        self.predict(np.zeros((1, *self.spec.input_shape), dtype=np.float32))
+        """Run one dummy batch (of 2, so a model that cannot batch fails here, not later)."""
+        results = self.predict(np.zeros((2, *self.spec.input_shape), dtype=np.float32))
+        if len(results) != 2:
+            raise ModelLoadError(
+                f"model {self.model_id} returned {len(results)} results for a batch of 2"
+            )
 
 
-def build_stub(model_id: str, state: dict[str, torch.Tensor], label: str) -> LoadedModel:
-    """A warmed-up stub classifier with the given weights."""
-    net = StubNet()
+def load_model(config: ModelConfig, path: Path) -> LoadedModel:
+    """Load, check and warm up a model file as its config says (run it in the executor)."""
+    module, state = _load_module(config, path)
+    kind = make_model_type(config.model_type, config.options)
+    spec = ModelSpec(config.model_id, getattr(kind, "name", config.model_type), config.input_shape)
+    model = LoadedModel(spec, f"{path.stem}-{weights_hash(state)}", module, kind)
     try:
-        net.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelLoadError(f"weights do not fit the stub architecture: {exc}") from None
-    net.eval()
-    spec = ModelSpec(model_id, CLASSIFICATION, (STUB_INPUT_SIZE,))
-    model = LoadedModel(spec, f"{label}-{weights_hash(state)}", net)
-    model.warm_up()
+        model.warm_up()
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path.name} failed its warm-up batch of shape {[2, *config.input_shape]}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
     return model
 
 
-def load_stub_file(model_id: str, path: Path) -> LoadedModel:
-    """Load stub weights from a file with ``torch.load(weights_only=True)``."""
+def _load_module(
+    config: ModelConfig, path: Path
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist", 404)
     try:
+        if config.format == "torchscript":
+            scripted = torch.jit.load(str(path), map_location="cpu").eval()
+            return scripted, dict(scripted.state_dict())
+        if config.format == "export":
+            program = torch.export.load(str(path))
+            return program.module(), dict(program.state_dict)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelLoadError(f"weights file {path} does not exist") from None
     except Exception as exc:  # torch raises many types for a bad file
-        raise ModelLoadError(f"weights file {path.name} does not load: {exc}") from None
+        raise ModelLoadError(
+            f"weights file {path.name} does not load as {config.format}: {exc}"
+        ) from None
+    return _from_state_dict(config, path, state), state
+
+
+def _from_state_dict(config: ModelConfig, path: Path, state: object) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"weights file {path.name} is not a state_dict of tensors")
-    return build_stub(model_id, state, path.stem)
+    architecture = ARCHITECTURES.get(config.architecture or "")
+    if architecture is None:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ModelLoadError(f"architecture {config.architecture!r} is unknown: built in: {known}")
+    net = architecture()
+    try:
+        net.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(
+            f"weights do not fit the {config.architecture} architecture: {exc}"
+        ) from None
+    return net.eval()
+
+
+def load_stub_file(model_id: str, path: Path) -> LoadedModel:
+    """Load stub weights from a state_dict file (``torch.load(weights_only=True)``)."""
+    return load_model(stub_config(model_id), path)
 
 
 def builtin_stub(model_id: str) -> LoadedModel:
     """The stub with its reproducible built-in weights (no file needed)."""
     name = model_id if model_id in STUB_SEEDS else "stub_v1"
-    return build_stub(model_id, stub_state_dict(STUB_SEEDS[name]), name)
+    state = stub_state_dict(STUB_SEEDS[name])
+    net = StubNet()
+    net.load_state_dict(state)
+    spec = ModelSpec(model_id, CLASSIFICATION, (STUB_INPUT_SIZE,))
+    model = LoadedModel(spec, f"{name}-{weights_hash(state)}", net.eval())
+    model.warm_up()
+    return model
 
 
 def write_stub_weights(directory: Path) -> list[Path]:

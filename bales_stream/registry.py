@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
-from .models import LoadedModel, builtin_stub, load_stub_file
+from .model_config import ModelConfig, stub_config
+from .models import LoadedModel, builtin_stub, load_model
 from .protocol import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class ModelRegistry:
         self.weights_dir = weights_dir
         self._run_blocking = run_blocking
         self._models: dict[str, LoadedModel] = {}
+        self._configs: dict[str, ModelConfig] = {}
         self._reload_locks: dict[str, asyncio.Lock] = {}
 
     def get(self, model_id: str) -> LoadedModel | None:
@@ -66,29 +68,49 @@ class ModelRegistry:
         """A snapshot of every served model, by model_id."""
         return dict(self._models)
 
+    def configs(self) -> dict[str, ModelConfig]:
+        """The configuration of every served model, by model_id."""
+        return dict(self._configs)
+
+    async def load_all(self, configs: list[ModelConfig]) -> None:
+        """Load (and warm up) every configured model; raise ``ModelLoadError`` naming the
+        first that fails, so a consumer never starts half-configured."""
+        for config in configs:
+            path = confine(self.weights_dir, config.file)
+            self._models[config.model_id] = await self._run_blocking(load_model, config, path)
+            self._configs[config.model_id] = config
+            log.info(
+                "serving %s (%s) version %s",
+                config.model_id,
+                config.model_type,
+                self._models[config.model_id].version,
+            )
+
     async def load_default(self, model_id: str) -> LoadedModel:
-        """Load the default stub model from ``<WEIGHTS_DIR>/<model_id>.pt``, or its
+        """Serve the stub as ``model_id`` from ``<WEIGHTS_DIR>/<model_id>.pt``, or with its
         reproducible built-in weights when there is no such file."""
-        path = self.weights_dir / f"{model_id}.pt"
+        config = stub_config(model_id)
+        path = self.weights_dir / config.file
         if path.is_file():
-            model = await self._run_blocking(load_stub_file, model_id, path)
+            model = await self._run_blocking(load_model, config, path)
         else:
             log.info("no %s; serving %s with its built-in weights", path, model_id)
             model = await self._run_blocking(builtin_stub, model_id)
         self._models[model_id] = model
+        self._configs[model_id] = config
         return model
 
     async def reload(self, model_id: str, weights_path: str) -> tuple[str, str]:
-        """Load new weights for a served model and swap them in; returns (old, new) versions.
-
-        Raises ``ModelLoadError`` (the old model keeps serving)."""
+        """Load a new file for a served model (same format, type and input shape) and swap
+        it in; returns (old, new) versions. Raises ``ModelLoadError`` (the old one stays)."""
         current = self._models.get(model_id)
         if current is None:
             raise ModelLoadError(f"model {model_id!r} is not served", 404)
         path = confine(self.weights_dir, weights_path)
+        config = self._configs[model_id]
         lock = self._reload_locks.setdefault(model_id, asyncio.Lock())
         async with lock:
-            fresh: LoadedModel = await self._run_blocking(load_stub_file, model_id, path)
+            fresh: LoadedModel = await self._run_blocking(load_model, config, path)
             if fresh.spec != current.spec:
                 raise ModelLoadError(
                     f"new weights change the model's interface from {current.spec} to {fresh.spec}"

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     priority_aging_ms: float = Field(100.0, ge=0)
     max_input_bytes: int = Field(1_048_576, ge=64)
     weights_dir: Path = Path("weights")
+    models_config: Path | None = None
     sidecar_token: SecretStr | None = None
     shutdown_grace_s: float = Field(30.0, gt=0)
     claim_idle_ms: int = Field(5000, ge=50)

@@ -29,6 +29,7 @@ from .batcher import Batcher
 from .errors import RequestRejected, Unanswerable
 from .inference import InferenceExecutor
 from .metrics import Metrics
+from .model_config import load_models_file
 from .processing import BatchProcessor
 from .protocol import Limits, Request, decode_request, read_envelope
 from .recovery import Recovery
@@ -106,7 +107,7 @@ class Worker:
     async def start(self) -> None:
         """Load the models, join the group, and start the loops."""
         self.executor.start()
-        await self.registry.load_default(self.settings.default_model_id)
+        await self._load_models()
         self.status.models_loaded = True
         await self._join_group()
         self.recovery.start()
@@ -137,6 +138,27 @@ class Worker:
             with contextlib.suppress(RedisError):
                 await self.streams.forget_consumer_if_idle()
         self.executor.stop()
+
+    async def _load_models(self) -> None:
+        """The models of MODELS_CONFIG, or the default stub; per-model batching limits."""
+        path = self.settings.models_config
+        if path is None:
+            await self.registry.load_default(self.settings.default_model_id)
+            return
+        configs = load_models_file(path)
+        await self.registry.load_all(configs)
+        for config in configs:
+            self.batcher.set_limits(
+                config.model_id,
+                config.max_batch_size or self.settings.max_batch_size,
+                self.settings.batch_window_ms
+                if config.batch_window_ms is None
+                else config.batch_window_ms,
+            )
+        largest = max(c.max_batch_size or self.settings.max_batch_size for c in configs)
+        self.read_count = max(2 * largest, MIN_READ_COUNT)
+        self.read_share = max(1, self.read_count // LOWER_PRIORITY_SHARE_DIVISOR)
+        self.buffer_limit = 2 * largest
 
     async def _drain(self, reader: Any, batch_loop: Any) -> None:
         if reader is not None:
