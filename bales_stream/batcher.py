@@ -102,11 +102,14 @@ class Batcher(Generic[T]):
         self._size += 1
         self._changed.set()
 
-    async def next_batch(self) -> list[T]:
-        """Wait for the next ready batch (full, or its window elapsed) and return it."""
+    async def next_batch(self, busy: Callable[[str], bool] | None = None) -> list[T]:
+        """Wait for the next ready batch (full, or its window elapsed) and return it.
+
+        Models for which ``busy(model_id)`` is true are passed over (their requests keep
+        waiting) until ``wake()`` is called, so one slow model cannot take every slot."""
         while True:
             now_s = self._clock()
-            model_id, ready_at_s = self._most_urgent(now_s)
+            model_id, ready_at_s = self._most_urgent(now_s, busy)
             if model_id is not None and ready_at_s <= now_s:
                 return self._take(model_id, now_s)
             self._changed.clear()
@@ -131,9 +134,17 @@ class Batcher(Generic[T]):
             batches.append(self._take(model_id, self._clock()))
         return batches
 
-    def _most_urgent(self, now_s: float) -> tuple[str | None, float]:
+    def wake(self) -> None:
+        """Make a waiting ``next_batch`` look again (e.g. a busy model has become free)."""
+        self._changed.set()
+
+    def _most_urgent(
+        self, now_s: float, busy: Callable[[str], bool] | None = None
+    ) -> tuple[str | None, float]:
         best: tuple[str | None, float] = (None, float("inf"))
         for model_id, queue in self._queues.items():
+            if busy is not None and busy(model_id):
+                continue
             max_batch_size, window_s = self._limits_of(model_id)
             if queue.count >= max_batch_size:
                 ready_at_s = now_s

@@ -64,6 +64,11 @@ class ModelRegistry:
         model = self._models.get(model_id)
         return model.spec if model else None
 
+    @property
+    def count(self) -> int:
+        """How many models are served."""
+        return len(self._models)
+
     def models(self) -> dict[str, LoadedModel]:
         """A snapshot of every served model, by model_id."""
         return dict(self._models)

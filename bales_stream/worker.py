@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,7 @@ class Worker:
         self.buffer_limit = 2 * settings.max_batch_size
         self._read_deadline_s = settings.read_block_ms / 1000 + settings.redis_timeout_s
         self._held: dict[tuple[int, str], None] = {}
+        self._model_in_flight: Counter[str] = Counter()
         self._slots = asyncio.Semaphore(settings.thread_pool_size)
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -166,7 +168,7 @@ class Worker:
         await _cancel(batch_loop)
         for batch in self.batcher.take_all():
             await self._slots.acquire()
-            self._spawn(self._process(batch))
+            self._dispatch(batch)
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
@@ -269,11 +271,22 @@ class Worker:
         while True:
             await self._slots.acquire()
             try:
-                batch = await self.batcher.next_batch()
+                batch = await self.batcher.next_batch(self._model_busy)
             except BaseException:
                 self._slots.release()
                 raise
-            self._spawn(self._process(batch))
+            self._dispatch(batch)
+
+    def _dispatch(self, batch: list[Request]) -> None:
+        """Start processing a batch that already holds an inference slot."""
+        self._model_in_flight[batch[0].model_id] += 1
+        self._spawn(self._process(batch))
+
+    def _model_busy(self, model_id: str) -> bool:
+        """With several models served, one model may fill all but one inference slot, so a
+        slow model never holds up the others' batches."""
+        cap = max(1, self.settings.thread_pool_size - 1) if self.registry.count > 1 else 0
+        return bool(cap) and self._model_in_flight[model_id] >= cap
 
     async def _process(self, batch: list[Request]) -> None:
         """Compute one batch, then write its replies and ack in one fenced step."""
@@ -283,7 +296,9 @@ class Worker:
             await self._complete(outcome.completions)
             self._release(batch)
         finally:
+            self._model_in_flight[batch[0].model_id] -= 1
             self._slots.release()
+            self.batcher.wake()
 
     async def _complete(self, completions: list[Completion]) -> None:
         """Write replies and ack; retried on Redis errors (the script is idempotent)."""
