@@ -111,7 +111,7 @@ def _authorized(request: web.Request, worker: Worker) -> bool:
 
 
 async def reload_model(request: web.Request) -> web.Response:
-    """Swap a model's weights atomically; ``{"weights_path": "stub_v2.pt"}``."""
+    """Swap a model's weights atomically on every consumer; ``{"weights_path": "stub_v2.pt"}``."""
     worker = request.app[WORKER_KEY]
     if not _authorized(request, worker):
         return _problem(
@@ -126,11 +126,13 @@ async def reload_model(request: web.Request) -> web.Response:
         return _problem(400, 'body must be {"weights_path": "<file in WEIGHTS_DIR>"}')
     model_id = request.match_info["model_id"]
     try:
-        old, new = await worker.registry.reload(model_id, weights_path)
+        outcome = await worker.control.reload(model_id, weights_path)
     except ModelLoadError as exc:
         log.warning("reload of %s refused: %s", model_id, exc.message)
         return _problem(exc.http_status, exc.message)
-    return web.json_response({"model_id": model_id, "previous_version": old, "version": new})
+    except RedisError as exc:
+        return _problem(503, f"reloaded here, but could not tell the other consumers: {exc}")
+    return web.json_response(outcome)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -27,6 +27,7 @@ from bales_producer import wire
 from redis.exceptions import RedisError, ResponseError
 
 from .batcher import Batcher
+from .control import FleetControl
 from .errors import RequestRejected, Unanswerable
 from .inference import InferenceExecutor
 from .metrics import Metrics
@@ -89,6 +90,7 @@ class Worker:
         self.recovery = Recovery(
             self.streams, settings, metrics, self.held, self._admit_reclaimed, self._give_up
         )
+        self.control = FleetControl(redis, settings, self.registry)
         self.limits = Limits(round(settings.batcher_timeout_s * 1000), settings.max_input_bytes)
         # Larger reads under backlog pay (fewer round trips); the buffer bound keeps the
         # priority decision close to the model and the memory use small.
@@ -112,6 +114,7 @@ class Worker:
         await self._load_models()
         self.status.models_loaded = True
         await self._join_group()
+        await self._start_control()
         self.recovery.start()
         self._tasks = [
             asyncio.create_task(self._read_loop(), name="bales-read"),
@@ -136,6 +139,7 @@ class Worker:
             for task in [reader, batch_loop, *self._in_flight]:
                 await _cancel(task)
         await self.recovery.stop()
+        await self.control.stop()
         if not self._held:
             with contextlib.suppress(RedisError):
                 await self.streams.forget_consumer_if_idle()
@@ -161,6 +165,15 @@ class Worker:
         self.read_count = max(2 * largest, MIN_READ_COUNT)
         self.read_share = max(1, self.read_count // LOWER_PRIORITY_SHARE_DIVISOR)
         self.buffer_limit = 2 * largest
+
+    async def _start_control(self) -> None:
+        """Follow fleet-wide reloads (a Redis hiccup here only delays the first sync)."""
+        try:
+            async with bounded(self.settings.redis_timeout_s):
+                await self.control.sync()
+        except RedisError as exc:
+            log.warning("could not read the fleet's model versions yet (%s)", exc)
+        await self.control.start()
 
     async def _drain(self, reader: Any, batch_loop: Any) -> None:
         if reader is not None:

@@ -10,6 +10,8 @@ Keys (prefix ``bales`` and queue ``requests`` by default)::
     bales:{requests}:dead           dead-letter stream
     bales:reply:<request_id>        reply LIST holding one JSON document, with a TTL
     bales:inbox:<name>              optional per-client reply inbox (field ``reply_to``)
+    bales:{requests}:models         HASH: model_id -> the weights every consumer should serve
+    bales:{requests}:control        pub/sub channel: "reload this model" to every consumer
 """
 
 from __future__ import annotations
@@ -96,6 +98,16 @@ class KeySpace:
     def dead_letter(self) -> str:
         """The dead-letter stream for entries that cannot be answered."""
         return f"{self.prefix}:{self.hash_tag}:dead"
+
+    @property
+    def desired_models(self) -> str:
+        """HASH model_id -> JSON {"weights_path", "version"}: what the fleet should serve."""
+        return f"{self.prefix}:{self.hash_tag}:models"
+
+    @property
+    def control_channel(self) -> str:
+        """Pub/sub channel on which a reload is announced to every consumer."""
+        return f"{self.prefix}:{self.hash_tag}:control"
 
     def reply(self, request_id: str) -> str:
         """The reply LIST of one request."""
