@@ -24,7 +24,15 @@ def test_every_wire_field_and_code_is_documented() -> None:
 
 def test_documented_keys_match_the_key_space() -> None:
     keys = KeySpace()
-    for key in [*keys.streams, keys.dead_letter, keys.reply("<request_id>"), keys.inbox("<name>")]:
+    documented = [
+        *keys.streams,
+        keys.dead_letter,
+        keys.reply("<request_id>"),
+        keys.inbox("<name>"),
+        keys.desired_models,
+        keys.control_channel,
+    ]
+    for key in documented:
         assert f"`{key}`" in WIRE_DOC or key in WIRE_DOC, key
 
 

@@ -68,3 +68,13 @@ async def test_the_python_example_runs(service, redis_url, prefix) -> None:
     assert code == 0, err
     assert "sync error: InvalidRequest input has 2 values; stub_v1 expects 128" in out
     assert "async: 1000 replies" in out
+
+
+async def test_the_digits_example_reports_its_accuracy(service_factory, redis_url, prefix) -> None:
+    async with service_factory(models_config=ROOT / "weights" / "models.toml"):
+        code, out, err = await run(
+            [sys.executable, str(EXAMPLES / "digits_example.py")],
+            {"REDIS_URL": redis_url, "BALES_PREFIX": prefix},
+        )
+    assert code == 0, err
+    assert "437/450 correct = 0.9711 accuracy" in out
