@@ -10,6 +10,7 @@ from bales_producer import KeySpace
 
 from benchmarks import fault_models
 
+from .conftest import wait_for
 from .test_worker import STUB_INPUT, pending_count, reply_of, xadd
 
 
@@ -141,3 +142,17 @@ async def test_a_clean_stop_removes_the_consumer_and_leaves_nothing_pending(
     consumers = await aredis.xinfo_consumers(keys.stream(1), "bales")
     assert [c["name"] for c in consumers] == []
     assert await pending_count(aredis, keys) == 0
+
+
+async def test_a_vanished_group_is_recreated_and_service_resumes(
+    service_factory, aredis, keys
+) -> None:
+    async with service_factory(read_block_ms=100) as svc:
+        await xadd(aredis, keys, request_id="before")
+        await reply_of(aredis, keys, "before")
+        for stream in keys.streams:
+            await aredis.xgroup_destroy(stream, "bales")  # e.g. an operator's mistake
+        await xadd(aredis, keys, request_id="after", timeout_ms="30000")
+        assert (await reply_of(aredis, keys, "after"))["status"] == "ok"
+        assert svc.worker.metrics.redis_errors._value.get() >= 1  # it noticed NOGROUP
+        await wait_for(lambda: svc.worker.status.ready)
