@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from bales_producer import wire
 
 from .protocol import Envelope, Request
@@ -23,7 +23,7 @@ class Completion:
 
 
 def _dump(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
+    return orjson.dumps(document)
 
 
 def ok_completion(

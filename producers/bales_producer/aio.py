@@ -1,10 +1,11 @@
 """The asyncio producer client, built for thousands of requests in flight on two connections.
 
-Writes are coalesced: every ``submit`` waiting at the same moment goes out in one pipelined
-batch of XADDs. Replies come back through one per-client inbox LIST (the request field
-``reply_to``) that a single reader task drains with ``BLMPOP ... COUNT``, so waiting costs
-one connection however many requests are in flight. Every reply is also written to its
-own ``bales:reply:<request_id>`` key, so ``result``/``poll`` work for any request id.
+Writes are coalesced: every ``submit`` waiting at the same moment goes out in one command
+(a server-side script that XADDs them all). Replies come back through one per-client inbox
+LIST (the request field ``reply_to``) that a single reader task drains with
+``BLMPOP ... COUNT``, so waiting costs one connection however many requests are in flight.
+Every reply is also written to its own ``bales:reply:<request_id>`` key, so
+``result``/``poll`` work for any request id.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ from .core import (
 from .errors import BalesError, RequestTimeout
 
 log = logging.getLogger(__name__)
+
+# XADD a whole batch of requests in one command. KEYS: the request streams, p0 first.
+# ARGV, per request: its level (1-based), its field count, then field, value pairs.
+# Returns one entry ID (or error) per request. One EVALSHA instead of a pipeline of XADDs:
+# measured 4.9 instead of 19 microseconds of client CPU per request (redis-py's
+# per-command cost), for about 1.2 more on the server.
+_ENQUEUE_LUA = """
+local out, i = {}, 1
+while i <= #ARGV do
+  local count = tonumber(ARGV[i + 1])
+  out[#out + 1] = redis.pcall('XADD', KEYS[tonumber(ARGV[i])], '*',
+                              unpack(ARGV, i + 2, i + 1 + 2 * count))
+  i = i + 2 + 2 * count
+end
+return out
+"""
 
 INBOX_BLOCK_S = 1.0
 INBOX_POP_COUNT = 1000
@@ -58,6 +75,7 @@ class AsyncClient:
         self.core = ClientCore(keys, group=group, max_backlog=max_backlog)
         self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=None)
         self.inbox = self.core.keys.inbox(uuid.uuid4().hex)
+        self._enqueue = self.redis.register_script(_ENQUEUE_LUA)
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._outbox: list[tuple[OutgoingRequest, asyncio.Future[None]]] = []
         self._outbox_ready = asyncio.Event()
@@ -190,23 +208,26 @@ class AsyncClient:
             raise
 
     async def _write_loop(self) -> None:
-        """Send every queued request in one pipeline per wake-up."""
+        """Send every queued request in one command per wake-up (see ``_ENQUEUE_LUA``)."""
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             batch, self._outbox = self._outbox, []
+            args: list[str | bytes | int] = []
+            for request, _ in batch:
+                args += [request.priority + 1, len(request.fields)]
+                for name, value in request.fields.items():
+                    args += [name, value]
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for request, _ in batch:
-                        pipe.xadd(request.stream, request.fields)  # type: ignore[arg-type]
-                    await pipe.execute()
+                results = await self._enqueue(keys=self.core.keys.streams, args=args)
             except RedisError as exc:
-                for _, sent in batch:
-                    if not sent.done():
-                        sent.set_exception(exc)
-                continue
-            for _, sent in batch:
-                if not sent.done():
+                results = [exc] * len(batch)
+            for (_, sent), result in zip(batch, results, strict=True):
+                if sent.done():
+                    continue
+                if isinstance(result, Exception):
+                    sent.set_exception(result)
+                else:
                     sent.set_result(None)
 
     async def _inbox_loop(self) -> None:

@@ -7,8 +7,10 @@ two client shells only move bytes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,9 +37,23 @@ class OutgoingRequest:
     """How long the caller should wait for the reply before giving up."""
 
 
+try:  # orjson parses replies ~6x faster than json; optional for the producer library
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - exercised where orjson is not installed
+    from json import loads as _loads  # type: ignore[assignment]
+
+_id_prefix = ""
+_id_pid = -1
+_id_counter = itertools.count()
+
+
 def new_request_id() -> str:
-    """A fresh random request id (32 hex chars)."""
-    return uuid.uuid4().hex
+    """A fresh request id: a random 16-hex prefix per process, then a counter (unique like
+    a UUID4, at a tenth of the cost; a forked child gets its own prefix)."""
+    global _id_prefix, _id_pid
+    if _id_pid != os.getpid():
+        _id_prefix, _id_pid = uuid.uuid4().hex[:16], os.getpid()
+    return f"{_id_prefix}-{next(_id_counter):x}"
 
 
 def encode_input(values: Any) -> tuple[str, str | bytes]:
@@ -156,7 +172,7 @@ class ClientCore:
     @staticmethod
     def decode_reply(raw: bytes | str) -> dict[str, Any]:
         """Parse a reply document (no status check)."""
-        doc: dict[str, Any] = json.loads(raw)
+        doc: dict[str, Any] = _loads(raw)
         return doc
 
     @staticmethod
