@@ -3,6 +3,10 @@
 ``put()`` adds a request; ``next_batch()`` returns a batch of one model as soon as that model
 has ``max_batch_size`` requests waiting, or ``window_ms`` after the oldest of them arrived.
 
+The window is adaptive: it is only waited for when waiting can pay. When the model has no
+batch in flight, its requests go at once: waiting would only add latency, and under load
+batches fill by themselves while earlier ones run (so at saturation they are full anyway).
+
 Which requests go into a batch (the priority rule):
 1. A request that has waited in the batcher longer than ``aging_ms`` goes first, oldest first,
    whatever its priority, so a p0 flood can delay a p2 request but never starve it.
@@ -72,11 +76,13 @@ class Batcher(Generic[T]):
         window_ms: float,
         aging_ms: float,
         clock: Callable[[], float] = time.monotonic,
+        adaptive: bool = True,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.window_s = window_ms / 1000
         self.aging_s = aging_ms / 1000
         self._clock = clock
+        self.adaptive = adaptive
         self._queues: dict[str, _ModelQueue[T]] = {}
         self._limits: dict[str, tuple[int, float]] = {}
         self._size = 0
@@ -102,14 +108,18 @@ class Batcher(Generic[T]):
         self._size += 1
         self._changed.set()
 
-    async def next_batch(self, busy: Callable[[str], bool] | None = None) -> list[T]:
-        """Wait for the next ready batch (full, or its window elapsed) and return it.
+    async def next_batch(
+        self, in_flight: Callable[[str], int] | None = None, max_in_flight: int = 0
+    ) -> list[T]:
+        """Wait for the next ready batch and return it.
 
-        Models for which ``busy(model_id)`` is true are passed over (their requests keep
-        waiting) until ``wake()`` is called, so one slow model cannot take every slot."""
+        ``in_flight(model_id)`` tells how many batches of a model are running: with
+        ``adaptive``, a model with none goes at once; with ``max_in_flight``, a model with
+        that many is passed over until ``wake()``, so one slow model cannot take every slot.
+        """
         while True:
             now_s = self._clock()
-            model_id, ready_at_s = self._most_urgent(now_s, busy)
+            model_id, ready_at_s = self._most_urgent(now_s, in_flight, max_in_flight)
             if model_id is not None and ready_at_s <= now_s:
                 return self._take(model_id, now_s)
             self._changed.clear()
@@ -139,14 +149,15 @@ class Batcher(Generic[T]):
         self._changed.set()
 
     def _most_urgent(
-        self, now_s: float, busy: Callable[[str], bool] | None = None
+        self, now_s: float, in_flight: Callable[[str], int] | None, max_in_flight: int
     ) -> tuple[str | None, float]:
         best: tuple[str | None, float] = (None, float("inf"))
         for model_id, queue in self._queues.items():
-            if busy is not None and busy(model_id):
+            running = in_flight(model_id) if in_flight is not None else None
+            if max_in_flight and running is not None and running >= max_in_flight:
                 continue
             max_batch_size, window_s = self._limits_of(model_id)
-            if queue.count >= max_batch_size:
+            if queue.count >= max_batch_size or (self.adaptive and running == 0):
                 ready_at_s = now_s
             else:
                 ready_at_s = queue.oldest_arrival_s() + window_s

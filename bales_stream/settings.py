@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     redis_url: SecretStr = SecretStr(DEFAULT_REDIS_URL)
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_window_ms: float = Field(5.0, ge=0, le=10_000)
+    adaptive_window: bool = True
     batcher_timeout_s: float = Field(5.0, gt=0, le=86_400)
     default_model_id: str = Field("stub_v1", min_length=1)
     thread_pool_size: int = Field(4, ge=1, le=256)

@@ -84,7 +84,10 @@ class Worker:
             settings.reply_ttl_s,
         )
         self.batcher: Batcher[Request] = Batcher(
-            settings.max_batch_size, settings.batch_window_ms, settings.priority_aging_ms
+            settings.max_batch_size,
+            settings.batch_window_ms,
+            settings.priority_aging_ms,
+            adaptive=settings.adaptive_window,
         )
         self.processor = BatchProcessor(self.registry, self.executor, metrics, self.redis_now_ms)
         self.recovery = Recovery(
@@ -284,7 +287,9 @@ class Worker:
         while True:
             await self._slots.acquire()
             try:
-                batch = await self.batcher.next_batch(self._model_busy)
+                batch = await self.batcher.next_batch(
+                    self._model_in_flight.__getitem__, self._max_in_flight_per_model()
+                )
             except BaseException:
                 self._slots.release()
                 raise
@@ -295,11 +300,12 @@ class Worker:
         self._model_in_flight[batch[0].model_id] += 1
         self._spawn(self._process(batch))
 
-    def _model_busy(self, model_id: str) -> bool:
+    def _max_in_flight_per_model(self) -> int:
         """With several models served, one model may fill all but one inference slot, so a
-        slow model never holds up the others' batches."""
-        cap = max(1, self.settings.thread_pool_size - 1) if self.registry.count > 1 else 0
-        return bool(cap) and self._model_in_flight[model_id] >= cap
+        slow model never holds up the others' batches (0: no limit)."""
+        if self.registry.count < 2:
+            return 0
+        return max(1, self.settings.thread_pool_size - 1)
 
     async def _process(self, batch: list[Request]) -> None:
         """Compute one batch, then write its replies and ack in one fenced step."""

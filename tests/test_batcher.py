@@ -62,6 +62,41 @@ async def test_a_put_that_fills_the_batch_wakes_a_waiting_consumer() -> None:
     assert len(batch) == 3
 
 
+async def test_an_idle_model_does_not_wait_for_the_window() -> None:
+    batcher: Batcher[Item] = Batcher(max_batch_size=32, window_ms=10_000, aging_ms=1000)
+    batcher.put(Item("alone"))
+    started = time.monotonic()
+    batch = await asyncio.wait_for(batcher.next_batch(lambda model_id: 0), timeout=1)
+    assert [item.name for item in batch] == ["alone"]
+    assert time.monotonic() - started < 1  # it did not wait for the 10 s window
+
+
+async def test_a_busy_model_waits_for_its_window_or_a_full_batch() -> None:
+    batcher: Batcher[Item] = Batcher(max_batch_size=3, window_ms=10_000, aging_ms=1000)
+    batcher.put(Item("a"))
+    waiting = asyncio.create_task(batcher.next_batch(lambda model_id: 1))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # a batch of this model is running: this one fills meanwhile
+    batcher.put(Item("b"))
+    batcher.put(Item("c"))
+    assert len(await asyncio.wait_for(waiting, timeout=1)) == 3
+
+
+async def test_a_model_at_its_in_flight_cap_is_passed_over() -> None:
+    batcher: Batcher[Item] = Batcher(max_batch_size=1, window_ms=0, aging_ms=1000)
+    running = {"slow": 3, "fast": 0}
+    batcher.put(Item("s", model_id="slow"))
+    batcher.put(Item("f", model_id="fast"))
+    first = await batcher.next_batch(running.__getitem__, max_in_flight=3)
+    assert first[0].model_id == "fast"
+    waiting = asyncio.create_task(batcher.next_batch(running.__getitem__, max_in_flight=3))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    running["slow"] = 2
+    batcher.wake()
+    assert (await asyncio.wait_for(waiting, timeout=1))[0].model_id == "slow"
+
+
 async def test_batches_never_mix_models() -> None:
     batcher: Batcher[Item] = Batcher(max_batch_size=8, window_ms=0, aging_ms=1000)
     for i in range(3):

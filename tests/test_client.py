@@ -100,13 +100,20 @@ async def test_async_client_infer_submit_result_poll(service, redis_url, prefix)
         assert (await client.result(request_id))["request_id"] == request_id
         with pytest.raises(InvalidRequest):
             await client.infer("stub_v1", [1.0])
-        with pytest.raises(Expired):
-            await client.infer("stub_v1", INPUT, timeout_s=0.001)
     # result() for an id this client did not submit waits on the reply key
     async with AsyncClient(redis_url, prefix=prefix) as submitter:
         request_id = await submitter.submit("stub_v1", INPUT)
     async with AsyncClient(redis_url, prefix=prefix) as other:
         assert (await other.result(request_id))["request_id"] == request_id
+
+
+async def test_an_expired_request_raises_expired(service_factory, redis_url, prefix) -> None:
+    async with (
+        service_factory(batch_window_ms=50, adaptive_window=False),
+        AsyncClient(redis_url, prefix=prefix) as client,
+    ):
+        with pytest.raises(Expired, match="deadline passed"):
+            await client.infer("stub_v1", INPUT, timeout_s=0.01)
 
 
 async def test_async_client_times_out_without_a_service(redis_url, prefix) -> None:

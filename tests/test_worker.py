@@ -104,7 +104,7 @@ async def test_an_expired_request_is_not_computed(service, aredis, keys) -> None
 async def test_a_request_whose_model_was_unloaded_gets_internal(
     service_factory, aredis, keys
 ) -> None:
-    async with service_factory(batch_window_ms=10_000) as svc:
+    async with service_factory(batch_window_ms=10_000, adaptive_window=False) as svc:
         await xadd(aredis, keys, request_id="orphan-1")
         await wait_for(lambda: len(svc.worker.batcher) == 1)
         svc.worker.registry._models.pop("stub_v1")
@@ -192,7 +192,9 @@ async def test_a_p0_flood_does_not_starve_a_p2_request(service_factory, aredis, 
 
 
 async def test_stop_answers_everything_already_read(service_factory, aredis, keys) -> None:
-    async with service_factory(batch_window_ms=10_000, max_batch_size=64) as svc:
+    async with service_factory(
+        batch_window_ms=10_000, max_batch_size=64, adaptive_window=False
+    ) as svc:
         ids = [await xadd(aredis, keys, request_id=f"s-{i}") for i in range(20)]
         await wait_for(lambda: len(svc.worker.batcher) == 20)  # all waiting for the window
     # leaving the context stopped the worker: every request must have its reply
