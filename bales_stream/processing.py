@@ -65,7 +65,11 @@ class BatchProcessor:
             outcome.completions += [error_completion(r, wire.ERROR_INTERNAL, message) for r in live]
             self.metrics.count(live[0].model_id, wire.ERROR_INTERNAL, len(live))
             return outcome
-        await self._compute(model, live, started_ms, outcome)
+        fresh = [r for r in live if not r.retried]
+        if fresh:
+            await self._compute(model, fresh, started_ms, outcome)
+        for retry in (r for r in live if r.retried):  # a suspect: alone, so it spoils no batch
+            await self._compute(model, [retry], started_ms, outcome)
         return outcome
 
     async def _compute(
@@ -111,10 +115,16 @@ class BatchProcessor:
                 request.entry_id,
                 request.priority,
                 type(exc).__name__,
-                exc,
+                _last_line(exc),
             )
             outcome.failed.append(request)
             return
         half = len(requests) // 2
         await self._compute(model, requests[:half], started_ms, outcome)
         await self._compute(model, requests[half:], started_ms, outcome)
+
+
+def _last_line(exc: Exception) -> str:
+    """The gist of an error (TorchScript errors carry a whole traceback in their text)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else ""

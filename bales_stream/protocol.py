@@ -57,6 +57,8 @@ class Request:
     enqueued_ms: int
     deadline_ms: int
     reply_to: str | None
+    retried: bool = False
+    """Delivered before (taken over after its consumer died or its model raised)."""
 
 
 @dataclass(frozen=True)

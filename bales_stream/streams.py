@@ -300,19 +300,13 @@ class StreamStore:
         )
         entries = [StreamEntry(priority, i.decode(), f or None) for i, f in items if i]
         deliveries: dict[str, int] = {}
-        if entries:
-            pending = await self.redis.xpending_range(
-                stream,
-                self.group,
-                entries[0].entry_id,
-                entries[-1].entry_id,
-                len(entries) + 1000,
-                consumername=self.consumer,
-            )
-            deliveries = {
-                _text(p["message_id"]): int(p["times_delivered"])  # type: ignore[call-overload]
-                for p in pending
-            }
+        if entries:  # exactly these entries' counts (a range query would drag in the rest)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for entry in entries:
+                    pipe.xpending_range(stream, self.group, entry.entry_id, entry.entry_id, 1)
+                for found in await pipe.execute():
+                    for p in found:
+                        deliveries[_text(p["message_id"])] = int(p["times_delivered"])
         return Reclaimed(next_cursor.decode(), entries, deliveries)
 
     async def trim(self) -> int:

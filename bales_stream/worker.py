@@ -224,7 +224,7 @@ class Worker:
                 after[entry.priority] = entry.entry_id
             await self._admit(entries)
 
-    async def _admit(self, entries: list[StreamEntry]) -> None:
+    async def _admit(self, entries: list[StreamEntry], retried: bool = False) -> None:
         """Decode entries: good ones go to the batcher; bad and already expired ones are
         answered at once (so an overload sheds expired work at the cost of a read)."""
         rejections: list[Completion] = []
@@ -249,13 +249,14 @@ class Worker:
                 self.metrics.count(request.model_id, wire.ERROR_EXPIRED)
                 rejections.append(expired_completion(request, now_ms))
                 continue
+            request.retried = retried
             self._held[(entry.priority, entry.entry_id)] = None
             self.batcher.put(request)
         await self._complete(rejections)
 
     async def _admit_reclaimed(self, entries: list[StreamEntry]) -> None:
         fresh = [e for e in entries if (e.priority, e.entry_id) not in self._held]
-        await self._admit(fresh)
+        await self._admit(fresh, retried=True)
 
     async def _dead_letter(self, entry: StreamEntry, reason: str) -> None:
         log.warning("dead-lettering entry %s of p%d: %s", entry.entry_id, entry.priority, reason)

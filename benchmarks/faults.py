@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,6 @@ import redis.asyncio as aioredis
 from bales_producer import AsyncClient, KeySpace
 
 from bales_stream.embedded_redis import RedisServer, free_port
-from bales_stream.metrics import Metrics
-from bales_stream.settings import load_settings
-from bales_stream.worker import Worker
 
 from . import fault_models
 from .fault_proxy import FaultProxy
@@ -239,7 +236,8 @@ async def kill_one_of_two(runs: int) -> Row:
 
 
 async def metric(consumer: Consumer, name: str) -> int:
-    """A counter of a consumer, read from its /metrics."""
+    """A counter (or histogram sum) of a consumer, read from its /metrics; ``name`` may
+    carry labels exactly as exposed."""
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{consumer.port}/metrics") as response,
@@ -247,7 +245,7 @@ async def metric(consumer: Consumer, name: str) -> int:
         text = await response.text()
     for line in text.splitlines():
         if line.startswith(name + " "):
-            return int(float(line.split()[1]))
+            return int(float(line.rsplit(" ", 1)[1]))
     return 0
 
 
@@ -342,27 +340,11 @@ async def partition() -> Row:
     return row
 
 
-@contextlib.asynccontextmanager
-async def in_process_worker(harness: Harness, **overrides: Any) -> AsyncIterator[Worker]:
-    """A worker in this process (so a misbehaving model can be swapped in), on the
-    harness's real Redis."""
-    settings = load_settings(
-        redis_url=harness.url,
-        key_prefix=harness.prefix,
-        consumer_name=f"w-{uuid.uuid4().hex[:6]}",
-        port=0,
-        weights_dir=ROOT / "weights",
-        reply_ttl_s=900,
-        **overrides,
-    )
-    client = aioredis.Redis.from_url(harness.url, socket_keepalive=True)
-    worker = Worker(settings, client, Metrics())
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.stop()
-        await client.aclose()
+def fault_models_env(delay_s: float) -> dict[str, str]:
+    """Consumer settings serving the misbehaving ``slow`` and ``poison`` models."""
+    directory = Path(tempfile.mkdtemp(prefix="bales-fault-models-"))
+    config = fault_models.write_fault_models(directory, slow_delay_s=delay_s)
+    return {"MODELS_CONFIG": str(config), "WEIGHTS_DIR": str(directory)}
 
 
 async def slow_batch() -> Row:
@@ -371,26 +353,33 @@ async def slow_batch() -> Row:
     harness = Harness()
     claim_idle_ms = 400
     try:
-        async with (
-            in_process_worker(harness, claim_idle_ms=claim_idle_ms) as first,
-            in_process_worker(harness, claim_idle_ms=claim_idle_ms) as second,
-        ):
-            models = []
-            for worker in (first, second):
-                base = worker.registry.get("stub_v1").module  # type: ignore[union-attr]
-                models.append(fault_models.Slow(base, delay_s=2.5 * claim_idle_ms / 1000))
-                fault_models.swap_module(worker.registry, "stub_v1", models[-1])
-            harness.accepted = await xadd_batch(harness, 0, 200, "slow", timeout_ms=120_000)
-            await harness.verdict(row)
-            computed = sum(model.rows for model in models)
-            stolen = sum(w.metrics.reclaimed._value.get() for w in (first, second))
+        env = {**fault_models_env(2.5 * claim_idle_ms / 1000), "CLAIM_IDLE_MS": str(claim_idle_ms)}
+        await harness.add_consumer(**env)
+        await harness.add_consumer(**env)
+        harness.accepted = await xadd_batch(
+            harness, 0, 200, "slow", timeout_ms=120_000, model_id="slow"
+        )
+        await harness.verdict(row)
+        computed = stolen = stale = 0
+        for consumer in harness.consumers:
+            computed += await metric(consumer, "bales_batch_size_sum")
+            stolen += await metric(consumer, "bales_reclaimed_total")
+            stale += await metric(consumer, "bales_stale_completions_total")
         row.figures.update(
-            {"duplicate_computations": computed - len(harness.accepted), "reclaimed": int(stolen)}
+            {
+                "duplicate_computations": computed - len(harness.accepted),
+                "reclaimed": stolen,
+                "stale_writes": stale,
+            }
         )
         row.ok = row.ok and computed == len(harness.accepted) and stolen == 0
     finally:
         await harness.close()
     return row
+
+
+POISON_ROUND = 30_000
+"""Requests per poison-scenario round (long enough that one round's noise does not decide)."""
 
 
 async def poison(rounds: int = 3) -> Row:
@@ -399,33 +388,34 @@ async def poison(rounds: int = 3) -> Row:
     row = Row("6 poison 1 per 1,000")
     harness = Harness()
     try:
-        async with in_process_worker(harness, claim_idle_ms=300, max_deliveries=3) as worker:
-            healthy = worker.registry.get("stub_v1").module  # type: ignore[union-attr]
-            model = fault_models.PoisonSensitive(healthy)
-            fault_models.swap_module(worker.registry, "stub_v1", model)
-            rates: dict[str, list[float]] = {"base": [], "pois": []}
-            for n in range(rounds):
-                for tag, every in (("base", None), ("pois", 1000)):
-                    rates[tag].append(await drain_rate(harness, worker, f"{tag}{n}", every))
-            await harness.verdict(row)
-            dead = await harness.redis.xlen(harness.keys.dead_letter)
-            poisons = [f"pois{n}-{i}" for n in range(rounds) for i in range(0, 10_000, 1000)]
-            codes = [(await reply_doc(harness, p)).get("error", {}).get("code") for p in poisons]
+        consumer = await harness.add_consumer(
+            **fault_models_env(0.0), CLAIM_IDLE_MS="300", MAX_DELIVERIES="3"
+        )
+        rates: dict[str, list[float]] = {"base": [], "pois": []}
+        for n in range(rounds):
+            for tag, every in (("base", None), ("pois", 1000)):
+                rates[tag].append(await drain_rate(harness, consumer, f"{tag}{n}", every))
+        await harness.verdict(row)
+        dead = await harness.redis.xrange(harness.keys.dead_letter)
+        reasons = {record[b"reason"].decode().split(";")[0] for _, record in dead}
+        poisons = [f"pois{n}-{i}" for n in range(rounds) for i in range(0, POISON_ROUND, 1000)]
+        codes = [(await reply_doc(harness, p)).get("error", {}).get("code") for p in poisons]
         ratio = statistics.median(rates["pois"]) / statistics.median(rates["base"])
         row.figures.update(
             {
                 "poison": len(poisons),
-                "dead_lettered": dead,
+                "dead_lettered": len(dead),
                 "dead_letter_replies": codes.count("dead_letter"),
-                "computations_per_poison": model.poison_calls / len(poisons),
+                "reasons": sorted(reasons),
                 "throughput_vs_baseline": f"{ratio:.0%}",
+                "req_per_s": {k: [round(r) for r in v] for k, v in rates.items()},
             }
         )
         row.ok = (
             row.ok
-            and dead == len(poisons)
+            and len(dead) == len(poisons)
             and codes.count("dead_letter") == len(poisons)
-            and model.poison_calls == 3 * len(poisons)
+            and reasons == {"failed on 3 deliveries (MAX_DELIVERIES=3)"}
             and ratio >= 0.95
         )
     finally:
@@ -434,13 +424,17 @@ async def poison(rounds: int = 3) -> Row:
 
 
 async def drain_rate(
-    harness: Harness, worker: Worker, tag: str, poison_every: int | None, count: int = 10_000
+    harness: Harness,
+    consumer: Consumer,
+    tag: str,
+    poison_every: int | None,
+    count: int = POISON_ROUND,
 ) -> float:
     """Healthy requests per second, answering ``count`` requests enqueued at once (timed by
-    the worker's own ok counter, so measuring adds no load)."""
-    ok = worker.metrics.requests.labels("stub_v1", "ok")
+    the consumer's own ok counter, read from its /metrics)."""
+    ok_metric = 'bales_requests_total{model_id="poison",status="ok"}'
     healthy = count - (count // poison_every if poison_every else 0)
-    target = ok._value.get() + healthy
+    target = await metric(consumer, ok_metric) + healthy
     started_s = time.perf_counter()
     async with harness.redis.pipeline(transaction=False) as pipe:
         for i in range(count):
@@ -451,15 +445,15 @@ async def drain_rate(
                 harness.keys.stream(mixed_priority(i)),
                 {
                     "request_id": f"{tag}-{i}",
-                    "model_id": "stub_v1",
+                    "model_id": "poison",
                     "encoding": "f32",
                     "input": values.tobytes(),
                     "timeout_ms": "120000",
                 },
             )
         await pipe.execute()
-    while ok._value.get() < target:
-        await asyncio.sleep(0.005)
+    while await metric(consumer, ok_metric) < target:
+        await asyncio.sleep(0.02)
     harness.accepted += [f"{tag}-{i}" for i in range(count)]
     return healthy / (time.perf_counter() - started_s)
 
@@ -587,7 +581,12 @@ def mixed_priority(n: int) -> int:
 
 
 async def xadd_batch(
-    harness: Harness, first: int, count: int, tag: str, timeout_ms: int
+    harness: Harness,
+    first: int,
+    count: int,
+    tag: str,
+    timeout_ms: int,
+    model_id: str = "stub_v1",
 ) -> list[str]:
     ids = [f"{tag}-{i}" for i in range(first, first + count)]
     async with harness.redis.pipeline(transaction=False) as pipe:
@@ -596,7 +595,7 @@ async def xadd_batch(
                 harness.keys.stream(mixed_priority(n)),
                 {
                     "request_id": request_id,
-                    "model_id": "stub_v1",
+                    "model_id": model_id,
                     "encoding": "f32",
                     "input": INPUTS[n % 256].tobytes(),
                     "timeout_ms": str(timeout_ms),
