@@ -109,7 +109,11 @@ async def test_a_consumer_cut_off_from_redis_is_fenced_and_loses_nothing(
     common = {"claim_idle_ms": 300, "redis_timeout_s": 0.5}
     try:
         async with service_factory(
-            redis_url=proxy.url(), batch_window_ms=1500, max_batch_size=256, **common
+            redis_url=proxy.url(),
+            batch_window_ms=1500,
+            adaptive_window=False,
+            max_batch_size=256,
+            **common,
         ) as cut_off:
             enqueue(client, keys, range(100), "p")
             await wait_for(lambda: len(cut_off.worker.held()) == 100)  # all read, none answered
