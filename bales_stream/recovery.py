@@ -86,12 +86,16 @@ class Recovery:
                 priority, self._cursors[priority], self.settings.claim_idle_ms, CLAIM_BATCH
             )
             self._cursors[priority] = claimed.cursor
-            if not claimed.entries:
+            held = set(self._held())
+            # Our own held entries whose lease ran late come back too: they are alive here,
+            # so they are neither retried nor given up on.
+            orphans = [e for e in claimed.entries if (e.priority, e.entry_id) not in held]
+            if not orphans:
                 continue
-            log.info("reclaimed %d idle entries of p%d", len(claimed.entries), priority)
-            self.metrics.reclaimed.inc(len(claimed.entries))
+            log.info("reclaimed %d idle entries of p%d", len(orphans), priority)
+            self.metrics.reclaimed.inc(len(orphans))
             retry = []
-            for entry in claimed.entries:
+            for entry in orphans:
                 deliveries = claimed.deliveries.get(entry.entry_id, 1)
                 if deliveries > self.settings.max_deliveries:
                     await self._give_up(entry, deliveries)

@@ -255,8 +255,7 @@ class Worker:
         await self._complete(rejections)
 
     async def _admit_reclaimed(self, entries: list[StreamEntry]) -> None:
-        fresh = [e for e in entries if (e.priority, e.entry_id) not in self._held]
-        await self._admit(fresh, retried=True)
+        await self._admit(entries, retried=True)
 
     async def _dead_letter(self, entry: StreamEntry, reason: str) -> None:
         log.warning("dead-lettering entry %s of p%d: %s", entry.entry_id, entry.priority, reason)

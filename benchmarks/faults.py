@@ -230,7 +230,12 @@ async def kill_one_of_two(runs: int) -> Row:
         finally:
             await harness.close()
     row.figures.update(
-        {"runs": runs, "recovery_s_max": f"{max(recoveries):.2f}", "reclaimed_max": max(reclaimed)}
+        {
+            "accepted": accepted,
+            "runs": runs,
+            "recovery_s_max": f"{max(recoveries):.2f}",
+            "reclaimed_max": max(reclaimed),
+        }
     )
     return row
 

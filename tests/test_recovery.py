@@ -156,3 +156,31 @@ async def test_a_vanished_group_is_recreated_and_service_resumes(
         assert (await reply_of(aredis, keys, "after"))["status"] == "ok"
         assert svc.worker.metrics.redis_errors._value.get() >= 1  # it noticed NOGROUP
         await wait_for(lambda: svc.worker.status.ready)
+
+
+async def test_entries_this_worker_holds_are_never_given_up_when_the_lease_is_late(
+    service_factory, aredis, keys
+) -> None:
+    async with service_factory(
+        claim_idle_ms=100,
+        max_deliveries=1,
+        batch_window_ms=10_000,
+        adaptive_window=False,
+        max_batch_size=64,
+    ) as svc:
+        for i in range(5):
+            await xadd(aredis, keys, request_id=f"held-{i}", timeout_ms="60000")
+        await wait_for(lambda: len(svc.worker.held()) == 5)
+        await svc.worker.recovery.stop()  # the lease falls behind, as under a stalled loop
+
+        async def idle_enough() -> bool:
+            pending = await aredis.xpending_range(keys.stream(1), "bales", "-", "+", 10)
+            return all(p["time_since_delivered"] >= 150 for p in pending)
+
+        await wait_for(idle_enough)
+        for _ in range(3):  # each pass bumps their delivery count past MAX_DELIVERIES
+            await svc.worker.recovery.reclaim()
+        assert await aredis.xlen(keys.dead_letter) == 0
+        assert len(svc.worker.held()) == 5
+    for i in range(5):  # the stop drained the batcher: all answered, none dead-lettered
+        assert (await reply_of(aredis, keys, f"held-{i}"))["status"] == "ok"
