@@ -57,6 +57,19 @@ class Row:
         )
 
 
+async def wait_ready(port: int, timeout_s: float = 60) -> None:
+    """Wait until the sidecar on ``port`` answers /ready with 200."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout_s):
+        while True:
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/ready") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+
+
 class Consumer:
     """One ``python consumer.py`` process."""
 
@@ -85,15 +98,7 @@ class Consumer:
         return self
 
     async def wait_ready(self, timeout_s: float = 60) -> None:
-        async with aiohttp.ClientSession() as session, asyncio.timeout(timeout_s):
-            while True:
-                try:
-                    async with session.get(f"http://127.0.0.1:{self.port}/ready") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
+        await wait_ready(self.port, timeout_s)
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

@@ -26,11 +26,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 from bales_producer import AsyncClient, BalesError
 
 from bales_stream.embedded_redis import RedisServer, free_port
+
+from .faults import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS_S = os.sysconf("SC_CLK_TCK")
@@ -89,21 +90,8 @@ class Consumers:
                     sys.executable, "consumer.py", cwd=ROOT, env={**self.env, "PORT": str(port)}
                 )
             )
-        async with aiohttp.ClientSession() as session:
-            for port in self.ports:
-                await self._wait_ready(session, port)
-
-    @staticmethod
-    async def _wait_ready(session: aiohttp.ClientSession, port: int) -> None:
-        async with asyncio.timeout(60):
-            while True:
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/ready") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+        for port in self.ports:
+            await wait_ready(port)
 
     def cpu_s(self) -> float:
         return sum(cpu_seconds(p.pid) for p in self.processes)

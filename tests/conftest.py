@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -82,6 +83,19 @@ def make_settings(redis_url: str, prefix: str) -> Callable[..., Settings]:
         return load_settings(**values)
 
     return build
+
+
+@pytest.fixture
+def weights_dir(tmp_path: Path) -> Path:
+    """A private WEIGHTS_DIR: both stub versions, a junk file, and a symlink out of it."""
+    directory = tmp_path / "weights"
+    directory.mkdir()
+    for name in ("stub_v1.pt", "stub_v2.pt"):
+        shutil.copy(ROOT / "weights" / name, directory / name)
+    (directory / "junk.pt").write_bytes(b"this is not a weights file")
+    (tmp_path / "outside.pt").write_bytes((directory / "stub_v2.pt").read_bytes())
+    (directory / "escape.pt").symlink_to(tmp_path / "outside.pt")
+    return directory
 
 
 @dataclass

@@ -4,27 +4,14 @@ remembered for consumers that start later, refused everywhere when it cannot loa
 from __future__ import annotations
 
 import asyncio
-import shutil
-from pathlib import Path
 
 import numpy as np
-import pytest
 from bales_producer import AsyncClient
 
 from bales_stream.models import load_stub_file
 
-from .conftest import ROOT, wait_for
+from .conftest import wait_for
 from .test_sidecar import post
-
-
-@pytest.fixture
-def weights_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "weights"
-    directory.mkdir()
-    for name in ("stub_v1.pt", "stub_v2.pt"):
-        shutil.copy(ROOT / "weights" / name, directory / name)
-    (directory / "junk.pt").write_bytes(b"not weights")
-    return directory
 
 
 def version(svc) -> str:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -17,7 +15,7 @@ from bales_stream.models import load_stub_file
 from bales_stream.sidecar import Sidecar
 from bales_stream.worker import Worker
 
-from .conftest import ROOT, wait_for
+from .conftest import wait_for
 
 
 async def get(url: str) -> tuple[int, dict | str]:
@@ -34,18 +32,6 @@ async def post(url: str, body: object, token: str | None = None) -> tuple[int, d
         session.post(url, json=body, headers=headers) as response,
     ):
         return response.status, await response.json()
-
-
-@pytest.fixture
-def weights_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "weights"
-    directory.mkdir()
-    for name in ("stub_v1.pt", "stub_v2.pt"):
-        shutil.copy(ROOT / "weights" / name, directory / name)
-    (directory / "junk.pt").write_bytes(b"this is not a weights file")
-    (tmp_path / "outside.pt").write_bytes((directory / "stub_v2.pt").read_bytes())
-    (directory / "escape.pt").symlink_to(tmp_path / "outside.pt")
-    return directory
 
 
 async def test_health_reports_models_queues_and_identity(service) -> None:
