@@ -392,7 +392,7 @@ POISON_ROUND = 30_000
 """Requests per poison-scenario round (long enough that one round's noise does not decide)."""
 
 
-async def poison(rounds: int = 3) -> Row:
+async def poison(rounds: int = 5) -> Row:
     """6. One poison request per 1,000: dead-lettered after exactly MAX_DELIVERIES, and the
     healthy throughput stays near the same run's baseline (alternating runs, medians)."""
     row = Row("6 poison 1 per 1,000")
