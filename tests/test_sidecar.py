@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -132,39 +133,47 @@ async def test_reload_requires_the_token_when_one_is_set(service_factory, weight
         assert "s3cret" not in repr(svc.settings)
 
 
-async def test_reload_under_traffic_loses_nothing_and_switches_versions(
-    service_factory, weights_dir, redis_url, prefix
+async def reload_under_traffic(
+    client: AsyncClient, reload_url: str, weights_dir: Path, count: int, seed: int
 ) -> None:
-    rng = np.random.default_rng(1)
-    inputs = rng.standard_normal((3000, 128)).astype(np.float32)
+    """Send ``count`` requests in waves of 100; reload to stub_v2 after a third of the
+    replies and back to stub_v1 after two thirds. Asserts zero errors, zero lost, both
+    versions seen, and every reply's label equal to the version it names."""
+    inputs = np.random.default_rng(seed).standard_normal((count, 128)).astype(np.float32)
     expected = {}
     for name in ("stub_v1", "stub_v2"):
         model = load_stub_file("stub_v1", weights_dir / f"{name}.pt")
         expected[model.version] = [r["label"] for r in model.predict(inputs)]
+    replies: list[dict] = []
+
+    async def traffic() -> None:
+        for start in range(0, count, 100):
+            chunk = range(start, min(start + 100, count))
+            replies.extend(
+                await asyncio.gather(
+                    *(client.infer("stub_v1", inputs[i], timeout_s=30) for i in chunk)
+                )
+            )
+
+    sender = asyncio.create_task(traffic())
+    for after_replies, target in ((count // 3, "stub_v2.pt"), (2 * count // 3, "stub_v1.pt")):
+        await wait_for(lambda n=after_replies: len(replies) >= n or sender.done())
+        assert (await post(reload_url, {"weights_path": target}))[0] == 200
+    await sender
+    assert len(replies) == count
+    assert all(r["status"] == "ok" for r in replies)
+    assert {r["model_version"].split("-")[0] for r in replies} == {"stub_v1", "stub_v2"}
+    for i, reply in enumerate(replies):
+        assert reply["result"]["label"] == expected[reply["model_version"]][i]
+
+
+async def test_reload_under_traffic_loses_nothing_and_switches_versions(
+    service_factory, weights_dir, redis_url, prefix
+) -> None:
     async with (
         service_factory(weights_dir=weights_dir) as svc,
         AsyncClient(redis_url, prefix=prefix) as client,
     ):
-        replies: list[dict] = []
-
-        async def traffic() -> None:
-            for start in range(0, len(inputs), 100):
-                chunk = range(start, start + 100)
-                replies.extend(
-                    await asyncio.gather(
-                        *(client.infer("stub_v1", inputs[i], timeout_s=30) for i in chunk)
-                    )
-                )
-
-        sender = asyncio.create_task(traffic())
-        url = svc.base_url + "/models/stub_v1/reload"
-        for after_replies, target in ((1000, "stub_v2.pt"), (2000, "stub_v1.pt")):
-            await wait_for(lambda n=after_replies: len(replies) >= n or sender.done())
-            assert (await post(url, {"weights_path": target}))[0] == 200
-        await sender
-    assert len(replies) == len(inputs)
-    assert all(r["status"] == "ok" for r in replies)
-    versions = [r["model_version"] for r in replies]
-    assert {v.split("-")[0] for v in versions} == {"stub_v1", "stub_v2"}
-    for i, reply in enumerate(replies):
-        assert reply["result"]["label"] == expected[reply["model_version"]][i]
+        await reload_under_traffic(
+            client, svc.base_url + "/models/stub_v1/reload", weights_dir, 3000, seed=1
+        )
