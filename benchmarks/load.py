@@ -225,7 +225,8 @@ def print_report(result: dict) -> None:
     print("  CPU us/request: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v is not None))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of one load run (also used by ``benchmarks.scaling``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["saturate", "open"], default="saturate")
     parser.add_argument("--rate", type=float, default=2000, help="open mode: req/s offered")
@@ -249,7 +250,11 @@ def main() -> None:
         " drive an external service started with this KEY_PREFIX",
     )
     parser.add_argument("--json-out", type=Path, help="also write the result as JSON here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     result = asyncio.run(run(args))
     print_report(result)
     if args.json_out:
