@@ -13,7 +13,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +112,6 @@ class RedisServer:
             self.process.terminate()
             self.process.wait()
             self.process = None
-
-    @property
-    def data_dir(self) -> Path | None:
-        """The server's working directory (AOF/RDB files land here)."""
-        return Path(self._dir.name) if self._dir else None
 
     def stop(self) -> None:
         """Terminate the process and remove its data dir."""
