@@ -11,6 +11,7 @@ import asyncio
 import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,15 +27,61 @@ def _init_thread() -> None:
     torch.set_num_threads(1)
 
 
-def predict_requests(model: LoadedModel, requests: Sequence[Request]) -> list[dict[str, Any]]:
-    """Stack the requests' inputs into one batch and run the model once (in a pool thread)."""
-    batch = np.stack([request.inputs for request in requests])
-    results = model.predict(batch)
-    if len(results) != len(requests):
-        raise RuntimeError(
-            f"model {model.model_id} returned {len(results)} results for {len(requests)} inputs"
-        )
-    return results
+@dataclass
+class BatchRun:
+    """What running a batch gave: groups of requests answered together (with their results,
+    in order) and the requests the model raised on, each isolated and with its error."""
+
+    answered: list[tuple[Sequence[Request], list[dict[str, Any]]]] = field(default_factory=list)
+    failed: list[tuple[Request, Exception]] = field(default_factory=list)
+    model_failures: int = 0
+
+
+def predict_requests(model: LoadedModel, requests: Sequence[Request]) -> BatchRun:
+    """Stack the requests' inputs into one batch and run the model once (in a pool thread).
+
+    When the model raises, the batch is split in halves, recursively, until the requests
+    that make it raise are alone: everyone else is still answered. A half whose sibling
+    succeeded must hold a culprit, so it is split without being run whole (one culprit in
+    32 takes 9 model calls on average, not 11). The splitting stays in this thread: one
+    hand-off from the event loop per batch, not one per split (measured: the poison
+    scenario of ``benchmarks.faults``)."""
+    run = BatchRun()
+    _predict_or_split(model, requests, None, run, known_to_fail=False)
+    return run
+
+
+def _predict_or_split(
+    model: LoadedModel,
+    requests: Sequence[Request],
+    batch: np.ndarray | None,
+    run: BatchRun,
+    known_to_fail: bool,
+) -> bool:
+    """Answer ``requests`` or isolate the ones the model raises on; True if one call did."""
+    if not known_to_fail or len(requests) == 1:
+        try:
+            if batch is None:  # stacked once; the halves are views of it
+                batch = np.stack([request.inputs for request in requests])
+            results = model.predict(batch)
+            if len(results) != len(requests):
+                raise RuntimeError(
+                    f"model {model.model_id} returned {len(results)} results for "
+                    f"{len(requests)} inputs"
+                )
+        except Exception as exc:
+            run.model_failures += 1
+            if len(requests) == 1:
+                run.failed.append((requests[0], exc))
+                return False
+        else:
+            run.answered.append((requests, results))
+            return True
+    half = len(requests) // 2
+    first, second = (None, None) if batch is None else (batch[:half], batch[half:])
+    first_ok = _predict_or_split(model, requests[:half], first, run, known_to_fail=False)
+    _predict_or_split(model, requests[half:], second, run, known_to_fail=first_ok)
+    return False
 
 
 class InferenceExecutor:

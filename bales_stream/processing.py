@@ -10,8 +10,9 @@ still answered, and each culprit is left pending (no reply, no ack), so it is re
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from bales_producer import wire
 
@@ -75,12 +76,33 @@ class BatchProcessor:
     async def _compute(
         self, model: LoadedModel, requests: list[Request], started_ms: float, outcome: Outcome
     ) -> None:
-        try:
-            results = await self.executor.run(predict_requests, model, requests)
-        except Exception as exc:
-            await self._isolate(model, requests, started_ms, outcome, exc)
-            return
+        run = await self.executor.run(predict_requests, model, requests)
         done_ms = self.now_ms()
+        for group, results in run.answered:
+            self._answer(model, group, results, started_ms, done_ms, outcome)
+        if run.model_failures:
+            self.metrics.model_failures.inc(run.model_failures)
+        for request, exc in run.failed:
+            log.warning(
+                "model %s raised on request %s (entry %s of p%d): %s: %s; left pending for retry",
+                model.model_id,
+                request.request_id,
+                request.entry_id,
+                request.priority,
+                type(exc).__name__,
+                _last_line(exc),
+            )
+            outcome.failed.append(request)
+
+    def _answer(
+        self,
+        model: LoadedModel,
+        requests: Sequence[Request],
+        results: list[dict[str, Any]],
+        started_ms: float,
+        done_ms: float,
+        outcome: Outcome,
+    ) -> None:
         self.metrics.count(model.model_id, wire.STATUS_OK, len(requests))
         self.metrics.batch_size.observe(len(requests))
         for request, result in zip(requests, results, strict=True):
@@ -96,32 +118,6 @@ class BatchProcessor:
                     latency_ms=latency_ms,
                 )
             )
-
-    async def _isolate(
-        self,
-        model: LoadedModel,
-        requests: list[Request],
-        started_ms: float,
-        outcome: Outcome,
-        exc: Exception,
-    ) -> None:
-        self.metrics.model_failures.inc()
-        if len(requests) == 1:
-            request = requests[0]
-            log.warning(
-                "model %s raised on request %s (entry %s of p%d): %s: %s; left pending for retry",
-                model.model_id,
-                request.request_id,
-                request.entry_id,
-                request.priority,
-                type(exc).__name__,
-                _last_line(exc),
-            )
-            outcome.failed.append(request)
-            return
-        half = len(requests) // 2
-        await self._compute(model, requests[:half], started_ms, outcome)
-        await self._compute(model, requests[half:], started_ms, outcome)
 
 
 def _last_line(exc: Exception) -> str:

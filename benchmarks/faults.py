@@ -392,33 +392,41 @@ POISON_ROUND = 30_000
 """Requests per poison-scenario round (long enough that one round's noise does not decide)."""
 
 
-async def poison(rounds: int = 5) -> Row:
+async def poison(rounds: int = 11) -> Row:
     """6. One poison request per 1,000: dead-lettered after exactly MAX_DELIVERIES, and the
-    healthy throughput stays near the same run's baseline (alternating runs, medians)."""
+    healthy throughput stays at >= 95% of the same run's baseline (alternating rounds).
+
+    Throughput is judged by the consumer's capacity, healthy requests per CPU second of the
+    consumer process (the resource that limits it): wall-clock rates of one-second rounds on
+    this shared machine vary by +-20% between identical rounds, far more than the 5% asked
+    about. The wall-clock ratio is printed beside it."""
     row = Row("6 poison 1 per 1,000")
     harness = Harness()
     try:
         consumer = await harness.add_consumer(
             **fault_models_env(0.0), CLAIM_IDLE_MS="300", MAX_DELIVERIES="3"
         )
-        rates: dict[str, list[float]] = {"base": [], "pois": []}
+        await drain_rate(harness, consumer, "warm", None, count=5_000)
+        runs: dict[str, list[Drain]] = {"base": [], "pois": []}
         for n in range(rounds):
             for tag, every in (("base", None), ("pois", 1000)):
-                rates[tag].append(await drain_rate(harness, consumer, f"{tag}{n}", every))
+                runs[tag].append(await drain_rate(harness, consumer, f"{tag}{n}", every))
         await harness.verdict(row)
         dead = await harness.redis.xrange(harness.keys.dead_letter)
         reasons = {record[b"reason"].decode().split(";")[0] for _, record in dead}
         poisons = [f"pois{n}-{i}" for n in range(rounds) for i in range(0, POISON_ROUND, 1000)]
         codes = [(await reply_doc(harness, p)).get("error", {}).get("code") for p in poisons]
-        ratio = statistics.median(rates["pois"]) / statistics.median(rates["base"])
+        capacity = _median_ratio(runs, "per_cpu_s")
         row.figures.update(
             {
                 "poison": len(poisons),
                 "dead_lettered": len(dead),
                 "dead_letter_replies": codes.count("dead_letter"),
                 "reasons": sorted(reasons),
-                "throughput_vs_baseline": f"{ratio:.0%}",
-                "req_per_s": {k: [round(r) for r in v] for k, v in rates.items()},
+                "capacity_vs_baseline": f"{capacity:.1%}",
+                "wall_clock_vs_baseline": f"{_median_ratio(runs, 'per_s'):.1%}",
+                "req_per_cpu_s": {k: [round(d.per_cpu_s) for d in v] for k, v in runs.items()},
+                "req_per_s": {k: [round(d.per_s) for d in v] for k, v in runs.items()},
             }
         )
         row.ok = (
@@ -426,11 +434,30 @@ async def poison(rounds: int = 5) -> Row:
             and len(dead) == len(poisons)
             and codes.count("dead_letter") == len(poisons)
             and reasons == {"failed on 3 deliveries (MAX_DELIVERIES=3)"}
-            and ratio >= 0.95
+            and capacity >= 0.95
         )
     finally:
         await harness.close()
     return row
+
+
+@dataclass
+class Drain:
+    """One drain round: healthy requests answered per wall-clock and per consumer-CPU second."""
+
+    per_s: float
+    per_cpu_s: float
+
+
+def _median_ratio(runs: dict[str, list[Drain]], figure: str) -> float:
+    medians = {tag: statistics.median(getattr(d, figure) for d in v) for tag, v in runs.items()}
+    return medians["pois"] / medians["base"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drain_rate(
@@ -439,33 +466,48 @@ async def drain_rate(
     tag: str,
     poison_every: int | None,
     count: int = POISON_ROUND,
-) -> float:
-    """Healthy requests per second, answering ``count`` requests enqueued at once (timed by
-    the consumer's own ok counter, read from its /metrics)."""
-    ok_metric = 'bales_requests_total{model_id="poison",status="ok"}'
+) -> Drain:
+    """Healthy requests per second answering ``count`` requests that wait in the streams.
+
+    The consumer is paused (SIGSTOP) while the round is enqueued, so the producer's work is
+    not on the clock; the clock runs from SIGCONT to the last healthy ``ok`` reply, counted
+    as it arrives on a reply inbox (no polling of the consumer's /metrics, which would cost
+    the consumer CPU)."""
     healthy = count - (count // poison_every if poison_every else 0)
-    target = await metric(consumer, ok_metric) + healthy
-    started_s = time.perf_counter()
-    async with harness.redis.pipeline(transaction=False) as pipe:
-        for i in range(count):
-            values = INPUTS[i % 256].copy()
-            if poison_every and i % poison_every == 0:
-                values[0] = fault_models.POISON
-            pipe.xadd(
-                harness.keys.stream(mixed_priority(i)),
-                {
-                    "request_id": f"{tag}-{i}",
-                    "model_id": "poison",
-                    "encoding": "f32",
-                    "input": values.tobytes(),
-                    "timeout_ms": "120000",
-                },
-            )
-        await pipe.execute()
-    while await metric(consumer, ok_metric) < target:
-        await asyncio.sleep(0.02)
+    inbox = harness.keys.inbox(f"drain-{tag}")
+    consumer.signal(signal.SIGSTOP)
+    try:
+        async with harness.redis.pipeline(transaction=False) as pipe:
+            for i in range(count):
+                values = INPUTS[i % 256].copy()
+                if poison_every and i % poison_every == 0:
+                    values[0] = fault_models.POISON
+                pipe.xadd(
+                    harness.keys.stream(mixed_priority(i)),
+                    {
+                        "request_id": f"{tag}-{i}",
+                        "model_id": "poison",
+                        "encoding": "f32",
+                        "input": values.tobytes(),
+                        "timeout_ms": "120000",
+                        "reply_to": inbox,
+                    },
+                )
+            await pipe.execute()
+    finally:
+        pid = consumer.process.pid  # type: ignore[union-attr]
+        started_s, started_cpu_s = time.perf_counter(), cpu_seconds(pid)
+        consumer.signal(signal.SIGCONT)
+    answered_ok = 0
+    while answered_ok < healthy:
+        popped = await harness.redis.blmpop(30, 1, inbox, direction="LEFT", count=4096)
+        if popped is None:
+            raise TimeoutError(f"round {tag}: {answered_ok} of {healthy} answered in 30 s")
+        answered_ok += sum(b'"error"' not in doc for doc in popped[1])
+    elapsed_s = time.perf_counter() - started_s
+    used_cpu_s = cpu_seconds(pid) - started_cpu_s
     harness.accepted += [f"{tag}-{i}" for i in range(count)]
-    return healthy / (time.perf_counter() - started_s)
+    return Drain(per_s=healthy / elapsed_s, per_cpu_s=healthy / used_cpu_s)
 
 
 MALFORMED: list[dict[str, Any]] = [
