@@ -24,9 +24,10 @@ USER bales
 # Prometheus: bind all interfaces, and set SIDECAR_TOKEN to protect reload.
 ENV HOST=0.0.0.0 \
     PORT=8000 \
-    WEIGHTS_DIR=/app/weights
+    WEIGHTS_DIR=/app/weights \
+    LOG_FORMAT=json
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2).status == 200 else 1)"]
+  CMD ["bales-stream", "check"]
 STOPSIGNAL SIGTERM
 CMD ["bales-stream", "serve"]

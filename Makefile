@@ -49,8 +49,14 @@ format:  ## apply ruff's formatting and safe fixes
 typecheck:  ## mypy over the packages
 	$(BIN)/mypy bales_stream producers/bales_producer
 
-bench: install redis  ## the isolated batcher benchmark
-	$(BIN)/python -m benchmarks.profile_batcher
+bench: install redis  ## the benchmark set of the README's Performance table (about 15 min)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.profile_batcher --runs 3
+	$(BIN)/python -m benchmarks.load --mode saturate --payload f32
+	$(BIN)/python -m benchmarks.load --mode saturate --payload json --out benchmarks/results/load-json
+	$(BIN)/python -m benchmarks.load --mode open --rate 2000 --out benchmarks/results/load-open-2000
+	$(BIN)/python -m benchmarks.priority --runs 3
+	$(BIN)/python -m benchmarks.peers --runs 3
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis $(NODE_EXAMPLE)/node_modules

@@ -1,4 +1,4 @@
-"""The ``bales-stream`` command: serve, send, info, config.
+"""The ``bales-stream`` command: serve, send, info, check, reload, config.
 
 Examples::
 
@@ -6,7 +6,10 @@ Examples::
     bales-stream serve --demo          # ... and send a few demo requests once ready
     bales-stream send --random 128     # one request with 128 random floats; prints the reply
     bales-stream send --input '[0.1, 0.2, ...]' --priority 0
-    bales-stream info                  # per priority: length, lag, pending; consumers
+    bales-stream info                  # per priority: length, lag, pending, oldest age; consumers
+    bales-stream info --watch 2        # ... refreshed every 2 s (Ctrl-C to stop)
+    bales-stream check                 # exit 0 if this host's consumer is ready, else 1
+    bales-stream reload stub_v1 stub_v2.pt   # hot-reload a model fleet-wide (uses SIDECAR_TOKEN)
     bales-stream config                # effective settings, secrets masked
 """
 
@@ -17,6 +20,9 @@ import asyncio
 import json
 import random
 import sys
+import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import redis
@@ -70,27 +76,109 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_info(settings: Settings, args: argparse.Namespace) -> int:
-    """Print per-priority depth and the group's consumers."""
-    keys = settings.keys
+    """Print per-priority depth and the group's consumers (``--watch``: over and over)."""
     r = redis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
-    print(f"{'priority':<9}{'stream':<28}{'length':>8}{'lag':>8}{'pending':>9}")
+    if args.watch is None:
+        print(queue_report(r, settings))
+        return 0
+    try:
+        while True:
+            report = queue_report(r, settings)
+            stamp = time.strftime("%H:%M:%S")
+            print(f"\x1b[2J\x1b[H{stamp}  every {args.watch:g} s, Ctrl-C to stop\n\n{report}")
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def queue_report(r: redis.Redis, settings: Settings) -> str:
+    """Per priority: length, lag, pending and the age of the oldest waiting request; then
+    the group's consumers with their pending count and idle time."""
+    keys = settings.keys
+    now_ms = _redis_ms(r)
+    lines = [f"{'priority':<9}{'stream':<28}{'length':>8}{'lag':>8}{'pending':>9}{'oldest':>10}"]
     consumers: dict[str, dict[str, Any]] = {}
     for priority, stream in enumerate(keys.streams):
         length = r.xlen(stream)
         group = next((g for g in _groups(r, stream) if g["name"] == settings.consumer_group), None)
         lag = "-" if group is None or group.get("lag") is None else group["lag"]
         pending = 0 if group is None else group["pending"]
-        print(f"p{priority:<8}{stream:<28}{length:>8}{lag!s:>8}{pending:>9}")
+        oldest = _oldest_waiting_ms(r, stream, settings.consumer_group, group)
+        age = "-" if oldest is None else f"{max(0, now_ms - oldest) / 1000:.1f}s"
+        lines.append(f"p{priority:<8}{stream:<28}{length:>8}{lag!s:>8}{pending:>9}{age:>10}")
         if group is not None:
             for consumer in r.xinfo_consumers(stream, settings.consumer_group):
                 entry = consumers.setdefault(consumer["name"], {"pending": 0, "idle": None})
                 entry["pending"] += consumer["pending"]
                 idle = consumer["idle"]
                 entry["idle"] = idle if entry["idle"] is None else min(entry["idle"], idle)
-    print(f"\nconsumers in group {settings.consumer_group!r}: {len(consumers)}")
+    lines.append(f"\nconsumers in group {settings.consumer_group!r}: {len(consumers)}")
     for name, entry in sorted(consumers.items()):
-        print(f"  {name:<40} pending {entry['pending']:>6}  idle {entry['idle']} ms")
-    return 0
+        lines.append(f"  {name:<40} pending {entry['pending']:>6}  idle {entry['idle']} ms")
+    return "\n".join(lines)
+
+
+def _redis_ms(r: redis.Redis) -> int:
+    seconds, micros = r.time()  # type: ignore[misc]
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _oldest_waiting_ms(
+    r: redis.Redis, stream: str, group_name: str, group: dict[str, Any] | None
+) -> int | None:
+    """Enqueue time (entry ID ms) of the oldest request not yet answered: the oldest pending
+    entry, else the first one not yet delivered to the group."""
+    if group is None:
+        first = r.xrange(stream, count=1)
+        return _id_ms(first[0][0]) if first else None
+    if group["pending"]:
+        summary = r.xpending(stream, group_name)
+        return _id_ms(summary["min"])
+    undelivered = r.xrange(stream, min=f"({group['last-delivered-id']}", count=1)
+    return _id_ms(undelivered[0][0]) if undelivered else None
+
+
+def _id_ms(entry_id: Any) -> int:
+    return int(str(entry_id).split("-", 1)[0])
+
+
+def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 if the sidecar says ready, else 1 (a container health check: no curl needed)."""
+    url = args.url or f"http://127.0.0.1:{settings.port}/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout_s) as response:
+            print(f"ready ({response.status})")
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"not ready ({exc.code}): {exc.read().decode(errors='replace')}", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"not ready: cannot reach {url}: {exc}", file=sys.stderr)
+    return 1
+
+
+def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
+    """Ask a consumer's sidecar to hot-reload a model, fleet-wide; print its answer."""
+    base = args.url or f"http://127.0.0.1:{settings.port}"
+    request = urllib.request.Request(
+        f"{base}/models/{args.model_id}/reload",
+        data=json.dumps({"weights_path": args.weights_path}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    if settings.sidecar_token is not None:
+        token = settings.sidecar_token.get_secret_value()
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout_s) as response:
+            print(json.dumps(json.loads(response.read()), indent=2))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(
+            f"reload refused ({exc.code}): {exc.read().decode(errors='replace')}", file=sys.stderr
+        )
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the sidecar at {base}: {exc}", file=sys.stderr)
+    return 1
 
 
 def _groups(r: redis.Redis, stream: str) -> list[dict[str, Any]]:
@@ -134,7 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout-s", type=float, default=5.0, help="deadline (default 5)")
     send.set_defaults(func=cmd_send)
     info = sub.add_parser("info", help="queue depth per priority and the group's consumers")
+    info.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
     info.set_defaults(func=cmd_info)
+    check = sub.add_parser("check", help="exit 0 if the local consumer is ready, else 1")
+    check.add_argument("--url", help="readiness URL (default http://127.0.0.1:$PORT/ready)")
+    check.add_argument("--timeout-s", type=float, default=3.0)
+    check.set_defaults(func=cmd_check)
+    reload = sub.add_parser("reload", help="hot-reload a model on every consumer")
+    reload.add_argument("model_id", help="a served model, e.g. stub_v1")
+    reload.add_argument("weights_path", help="file inside WEIGHTS_DIR, e.g. stub_v2.pt")
+    reload.add_argument("--url", help="sidecar base URL (default http://127.0.0.1:$PORT)")
+    reload.add_argument("--timeout-s", type=float, default=60.0)
+    reload.set_defaults(func=cmd_reload)
     config = sub.add_parser("config", help="print the effective settings, secrets masked")
     config.set_defaults(func=cmd_config)
     return parser
@@ -148,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"bales-stream: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format, settings.consumer_name)
     try:
         return int(args.func(settings, args))
     except redis.ConnectionError as exc:

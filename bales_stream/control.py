@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .errors import ModelLoadError
+from .metrics import Metrics
 from .registry import ModelRegistry
 from .settings import Settings
 
@@ -29,10 +30,13 @@ RESUBSCRIBE_BACKOFF_S = 1.0
 class FleetControl:
     """Reloads that reach every consumer of the group."""
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings, registry: ModelRegistry) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, settings: Settings, registry: ModelRegistry, metrics: Metrics
+    ) -> None:
         self.redis = redis
         self.keys = settings.keys
         self.registry = registry
+        self.metrics = metrics
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -49,7 +53,7 @@ class FleetControl:
 
     async def reload(self, model_id: str, weights_path: str) -> dict[str, object]:
         """Reload here; if it works, make every consumer follow. Raises ``ModelLoadError``."""
-        old, new = await self.registry.reload(model_id, weights_path)
+        old, new = await self._reload(model_id, weights_path)
         record = json.dumps({"weights_path": weights_path, "version": new})
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.desired_models, model_id, record)
@@ -61,6 +65,18 @@ class FleetControl:
             "version": new,
             "consumers_notified": int(listeners),
         }
+
+    async def _reload(self, model_id: str, weights_path: str) -> tuple[str, str]:
+        """Reload through the registry, counting the outcome (an unserved model id is
+        counted as ``unknown``: request-supplied text never becomes a label value)."""
+        label = model_id if self.registry.get(model_id) is not None else "unknown"
+        try:
+            versions = await self.registry.reload(model_id, weights_path)
+        except ModelLoadError:
+            self.metrics.reloads.labels(label, "failed").inc()
+            raise
+        self.metrics.reloads.labels(label, "ok").inc()
+        return versions
 
     async def sync(self) -> None:
         """Serve, for every model in the hash, the version the fleet serves."""
@@ -74,7 +90,7 @@ class FleetControl:
         if current is None or current.version == record.get("version"):
             return
         try:
-            old, new = await self.registry.reload(model_id, record["weights_path"])
+            old, new = await self._reload(model_id, record["weights_path"])
         except ModelLoadError as exc:
             log.error(
                 "cannot follow the fleet's reload of %s to %s: %s; still serving %s",

@@ -1,12 +1,44 @@
-"""Logging set-up: one line per event, on stderr."""
+"""Logging set-up: one line per event, on stderr, as text or JSON (``LOG_FORMAT``).
+
+Every record carries the consumer's name (``consumer``); events about a request or a batch
+add ``request_id``, ``entry_id``, ``priority``, ``batch_id`` and ``traceparent`` through
+``extra=``, which the JSON format emits as fields. Payloads are never logged.
+"""
 
 from __future__ import annotations
 
 import logging
 
+from pythonjsonlogger.json import JsonFormatter
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+JSON_FIELDS = ("asctime", "levelname", "name", "message")
 
 
-def configure_logging(level: str) -> None:
-    """Configure the root logger at ``level`` (debug, info, warning, error, critical)."""
-    logging.basicConfig(level=level.upper(), format=TEXT_FORMAT, force=True)
+class _ConsumerField(logging.Filter):
+    """Stamps every record with this process's consumer name."""
+
+    def __init__(self, consumer: str) -> None:
+        super().__init__()
+        self.consumer = consumer
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.consumer = self.consumer
+        return True
+
+
+def configure_logging(level: str, log_format: str = "text", consumer: str = "") -> None:
+    """Configure the root logger at ``level``, as ``text`` or ``json`` lines on stderr."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                JSON_FIELDS,
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                timestamp=False,
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(_ConsumerField(consumer))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -62,6 +62,49 @@ class Metrics:
             ["priority"],
             registry=self.registry,
         )
+        self.queue_wait = Histogram(
+            "bales_queue_wait_seconds",
+            "From enqueue (stream entry ID) to the start of its batch, for computed requests.",
+            ["priority"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.inference = Histogram(
+            "bales_inference_seconds",
+            "Time of the model call that answered a request (its whole batch), per request.",
+            ["priority"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.queue_length = Gauge(
+            "bales_queue_length",
+            "Entries in the request stream (XLEN: waiting, pending and answered-not-trimmed).",
+            ["priority"],
+            registry=self.registry,
+        )
+        self.oldest_age = Gauge(
+            "bales_queue_oldest_age_seconds",
+            "Age of the oldest request not yet answered (0 when none waits), by priority.",
+            ["priority"],
+            registry=self.registry,
+        )
+        self.group_consumers = Gauge(
+            "bales_group_consumers",
+            "Consumers the consumer group knows (largest over the priority streams).",
+            registry=self.registry,
+        )
+        self.model_info = Gauge(
+            "bales_model_info",
+            "Served models: 1 per model with the version it serves now.",
+            ["model_id", "version"],
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "bales_reloads",
+            "Model reloads on this consumer, by outcome (ok or failed).",
+            ["model_id", "outcome"],
+            registry=self.registry,
+        )
         self.dead_letters = Counter(
             "bales_dead_letters",
             "Entries moved to the dead-letter stream.",
@@ -96,8 +139,18 @@ class Metrics:
     def observe_queues(self, stats: list[QueueStats]) -> None:
         """Update the per-priority depth gauges."""
         for stat in stats:
-            self.queue_depth.labels(str(stat.priority)).set(stat.lag or 0)
-            self.pending.labels(str(stat.priority)).set(stat.pending)
+            label = str(stat.priority)
+            self.queue_depth.labels(label).set(stat.lag or 0)
+            self.pending.labels(label).set(stat.pending)
+            self.queue_length.labels(label).set(stat.length)
+            self.oldest_age.labels(label).set(stat.oldest_age_s or 0.0)
+        self.group_consumers.set(max((s.consumers for s in stats), default=0))
+
+    def observe_models(self, versions: dict[str, str]) -> None:
+        """Set the model info gauge to the served ``model_id -> version`` map."""
+        self.model_info.clear()
+        for model_id, version in versions.items():
+            self.model_info.labels(model_id, version).set(1)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

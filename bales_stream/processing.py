@@ -22,6 +22,7 @@ from .models import LoadedModel
 from .protocol import Request
 from .registry import ModelRegistry
 from .replies import Completion, error_completion, expired_completion, ok_completion
+from .tracing import batch_span
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,13 @@ class BatchProcessor:
     async def _compute(
         self, model: LoadedModel, requests: list[Request], started_ms: float, outcome: Outcome
     ) -> None:
-        run = await self.executor.run(predict_requests, model, requests)
+        call_ms = self.now_ms()
+        with batch_span(model.model_id, requests):
+            run = await self.executor.run(predict_requests, model, requests)
         done_ms = self.now_ms()
+        inference_s = (done_ms - call_ms) / 1000
         for group, results in run.answered:
-            self._answer(model, group, results, started_ms, done_ms, outcome)
+            self._answer(model, group, results, (started_ms, done_ms, inference_s), outcome)
         if run.model_failures:
             self.metrics.model_failures.inc(run.model_failures)
         for request, exc in run.failed:
@@ -91,6 +95,12 @@ class BatchProcessor:
                 request.priority,
                 type(exc).__name__,
                 _last_line(exc),
+                extra={
+                    "request_id": request.request_id,
+                    "entry_id": request.entry_id,
+                    "priority": request.priority,
+                    "traceparent": request.traceparent,
+                },
             )
             outcome.failed.append(request)
 
@@ -99,15 +109,20 @@ class BatchProcessor:
         model: LoadedModel,
         requests: Sequence[Request],
         results: list[dict[str, Any]],
-        started_ms: float,
-        done_ms: float,
+        times: tuple[float, float, float],
         outcome: Outcome,
     ) -> None:
+        started_ms, done_ms, inference_s = times
         self.metrics.count(model.model_id, wire.STATUS_OK, len(requests))
         self.metrics.batch_size.observe(len(requests))
         for request, result in zip(requests, results, strict=True):
             latency_ms = done_ms - request.enqueued_ms
-            self.metrics.latency.labels(str(request.priority)).observe(latency_ms / 1000)
+            priority = str(request.priority)
+            self.metrics.latency.labels(priority).observe(latency_ms / 1000)
+            self.metrics.queue_wait.labels(priority).observe(
+                (started_ms - request.enqueued_ms) / 1000
+            )
+            self.metrics.inference.labels(priority).observe(inference_s)
             outcome.completions.append(
                 ok_completion(
                     request,

@@ -7,6 +7,7 @@ what was expected; see docs/wire-format.md for the fields.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class Request:
     deadline_ms: int
     reply_to: str | None
     retried: bool = False
+    traceparent: str | None = None
     """Delivered before (taken over after its consumer died or its model raised)."""
 
 
@@ -127,7 +129,21 @@ def decode_request(
         enqueued_ms,
         deadline_ms,
         envelope.reply_to,
+        traceparent=_traceparent(fields),
     )
+
+
+TRACEPARENT = re.compile(r"^[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
+"""W3C trace context ``version-trace_id-parent_id-flags`` (all-zero ids are invalid)."""
+
+
+def _traceparent(fields: dict[bytes, bytes]) -> str | None:
+    """The entry's W3C traceparent, or None when absent or invalid (ignored, per W3C)."""
+    raw = fields.get(wire.FIELD_TRACEPARENT.encode())
+    if raw is None or len(raw) != 55:
+        return None
+    text = raw.decode("ascii", "replace")
+    return text if TRACEPARENT.match(text) and not text.startswith("ff") else None
 
 
 def _model_spec(model_id: str, fields: dict[bytes, bytes], lookup: ModelLookup) -> ModelSpec:

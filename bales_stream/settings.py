@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_format: Literal["text", "json"] = "text"
     enable_prometheus: bool = True
 
     key_prefix: str = Field(wire.DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9._-]+$")
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
         """The Redis key names for this prefix, queue and number of priority levels."""
         return wire.KeySpace(self.key_prefix, self.queue_name, self.priority_levels)
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lowercase_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

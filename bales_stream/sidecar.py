@@ -49,6 +49,8 @@ async def _queue_stats(worker: Worker) -> list[dict[str, Any]] | None:
             "length": s.length,
             "lag": s.lag,
             "pending": s.pending,
+            "oldest_age_s": None if s.oldest_age_s is None else round(s.oldest_age_s, 3),
+            "consumers": s.consumers,
         }
         for s in stats
     ]
@@ -141,6 +143,8 @@ async def metrics(request: web.Request) -> web.Response:
     if not worker.settings.enable_prometheus:
         return _problem(404, "metrics are disabled (ENABLE_PROMETHEUS=false)")
     await _queue_stats(worker)
+    served = worker.registry.models()
+    worker.metrics.observe_models({model_id: m.version for model_id, m in served.items()})
     return web.Response(
         body=worker.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )

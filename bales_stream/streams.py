@@ -137,6 +137,10 @@ class QueueStats:
     """Entries not yet delivered to the group (None when Redis cannot tell)."""
     pending: int
     """Entries delivered but not yet acked."""
+    consumers: int = 0
+    """Consumers the group knows on this stream."""
+    oldest_age_s: float | None = None
+    """How long the oldest unanswered request has waited (None: nothing waits)."""
 
 
 @contextlib.asynccontextmanager
@@ -343,25 +347,55 @@ class StreamStore:
         return bool(await self._forget(keys=self.keys.streams, args=[self.group, self.consumer]))
 
     async def queue_stats(self) -> list[QueueStats]:
-        """Length, lag and pending count of every priority stream for our group."""
+        """Length, lag, pending, consumers and the oldest waiting request's age of every
+        priority stream for our group (two pipelined round trips)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream in self.keys.streams:
                 pipe.xlen(stream)
                 pipe.xinfo_groups(stream)
             results = await pipe.execute(raise_on_error=False)
+        groups = [self._find_group(results[2 * p + 1]) for p in range(self.keys.priority_levels)]
+        oldest_ms, now_ms = await self._oldest_waiting_ms(groups)
         stats = []
-        for priority in range(self.keys.priority_levels):
-            length, groups = results[2 * priority], results[2 * priority + 1]
-            group = self._find_group(groups)
+        for priority, group in enumerate(groups):
+            length = results[2 * priority]
+            oldest = oldest_ms[priority]
             stats.append(
                 QueueStats(
                     priority,
                     int(length) if isinstance(length, int) else 0,
                     group.get("lag") if group else None,
                     int(group.get("pending", 0)) if group else 0,
+                    int(group.get("consumers", 0)) if group else 0,
+                    None if oldest is None else max(0.0, now_ms - oldest) / 1000,
                 )
             )
         return stats
+
+    async def _oldest_waiting_ms(
+        self, groups: list[dict[str, Any] | None]
+    ) -> tuple[list[int | None], float]:
+        """Per stream, the enqueue time (entry ID ms) of the oldest unanswered request: the
+        oldest pending entry, else the first not yet delivered; and Redis's clock now."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, group in zip(self.keys.streams, groups, strict=True):
+                if group is not None and int(group.get("pending", 0)):
+                    pipe.xpending(stream, self.group)
+                else:
+                    after = _text(group.get("last-delivered-id")) if group else "0-0"
+                    pipe.xrange(stream, min=f"({after}", count=1)
+            pipe.time()
+            *answers, (seconds, micros) = await pipe.execute(raise_on_error=False)
+        oldest: list[int | None] = []
+        for answer in answers:
+            if isinstance(answer, dict):
+                first = answer.get("min")
+            elif isinstance(answer, list) and answer:
+                first = answer[0][0]
+            else:
+                first = None
+            oldest.append(None if first is None else int(_text(first).split("-", 1)[0]))
+        return oldest, seconds * 1000 + micros / 1000
 
     def _find_group(self, groups: object) -> dict[str, Any] | None:
         if not isinstance(groups, list):

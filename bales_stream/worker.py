@@ -93,7 +93,7 @@ class Worker:
         self.recovery = Recovery(
             self.streams, settings, metrics, self.held, self._admit_reclaimed, self._give_up
         )
-        self.control = FleetControl(redis, settings, self.registry)
+        self.control = FleetControl(redis, settings, self.registry, metrics)
         self.limits = Limits(round(settings.batcher_timeout_s * 1000), settings.max_input_bytes)
         # Larger reads under backlog pay (fewer round trips); the buffer bound keeps the
         # priority decision close to the model and the memory use small.
@@ -258,7 +258,13 @@ class Worker:
         await self._admit(entries, retried=True)
 
     async def _dead_letter(self, entry: StreamEntry, reason: str) -> None:
-        log.warning("dead-lettering entry %s of p%d: %s", entry.entry_id, entry.priority, reason)
+        log.warning(
+            "dead-lettering entry %s of p%d: %s",
+            entry.entry_id,
+            entry.priority,
+            reason,
+            extra={"entry_id": entry.entry_id, "priority": entry.priority},
+        )
         await self.streams.dead_letter(entry, reason)
         self.metrics.dead_letters.inc()
 
@@ -268,7 +274,13 @@ class Worker:
             f"failed on {deliveries - 1} deliveries (MAX_DELIVERIES="
             f"{self.settings.max_deliveries}); moved to {self.settings.keys.dead_letter}"
         )
-        log.warning("giving up on entry %s of p%d: %s", entry.entry_id, entry.priority, reason)
+        log.warning(
+            "giving up on entry %s of p%d: %s",
+            entry.entry_id,
+            entry.priority,
+            reason,
+            extra={"entry_id": entry.entry_id, "priority": entry.priority},
+        )
         try:
             envelope = read_envelope(
                 entry.entry_id, entry.fields, entry.priority, self.settings.keys

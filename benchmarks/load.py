@@ -103,6 +103,23 @@ class Consumers:
             await process.wait()
 
 
+async def show_progress(results: Results, duration_s: float, interval_s: float = 1.0) -> None:
+    """Print a progress line to stderr every ``interval_s`` until cancelled."""
+    started_s, last = time.perf_counter(), 0
+    while True:
+        await asyncio.sleep(interval_s)
+        elapsed_s = time.perf_counter() - started_s
+        done = results.count
+        print(
+            f"  [{elapsed_s:5.1f}/{duration_s:.0f} s] {done:,} answered, "
+            f"{(done - last) / interval_s:,.0f} req/s now, "
+            f"{sum(results.errors.values())} errors",
+            file=sys.stderr,
+            flush=True,
+        )
+        last = done
+
+
 def make_inputs(count: int, payload: str) -> list:
     array = np.random.default_rng(0).standard_normal((count, 128)).astype(np.float32)
     return list(array) if payload == "f32" else array.tolist()
@@ -172,7 +189,11 @@ async def run(args: argparse.Namespace) -> dict:
                 cpu_seconds(server.process.pid) if server and server.process else 0.0,
             )
             started_s = time.perf_counter()
-            await (saturate if args.mode == "saturate" else open_loop)(client, args, results)
+            progress = asyncio.create_task(show_progress(results, args.duration_s))
+            try:
+                await (saturate if args.mode == "saturate" else open_loop)(client, args, results)
+            finally:
+                progress.cancel()
             elapsed_s = time.perf_counter() - started_s
             cpu_after = (
                 time.process_time(),
@@ -198,6 +219,9 @@ async def run(args: argparse.Namespace) -> dict:
         "latency_ms": {f"p{p}": percentiles(v) for p, v in results.latencies_ms.items() if v},
         "latency_ms_all": percentiles([x for v in results.latencies_ms.values() for x in v]),
         "avg_batch": float(np.mean(results.batch_sizes)) if results.batch_sizes else 0.0,
+        "latency_curve_ms": {
+            str(p): latency_curve(v) for p, v in results.latencies_ms.items() if v
+        },
         "errors": results.errors,
         "cpu_us_per_request": {
             "producer": cpu_us[0],
@@ -205,6 +229,48 @@ async def run(args: argparse.Namespace) -> dict:
             "redis": cpu_us[2] if server else None,
         },
     }
+
+
+PLOT_PERCENTILES = (0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 100)
+
+
+def latency_curve(values: list[float]) -> list[tuple[float, float]]:
+    """(percentile, latency ms) points for the plot, from the fastest to the slowest."""
+    array = np.asarray(values)
+    return [(q, float(np.percentile(array, q))) for q in PLOT_PERCENTILES]
+
+
+def write_plot(result: dict, path: Path) -> bool:
+    """Latency by percentile per priority, as a PNG (False without matplotlib: the
+    ``bench`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for priority, curve in result["latency_curve_ms"].items():
+        # x: "nines" (1 / (1 - q)), so the tail gets the room it deserves
+        xs = [1 / (1 - q / 100) if q < 100 else 1e5 for q, _ in curve]
+        axes.plot(xs, [ms for _, ms in curve], marker="o", label=f"p{priority}")
+    axes.set_xscale("log")
+    ticks = [1, 2, 10, 100, 1000, 10000]
+    axes.set_xticks(ticks, ["0%", "50%", "90%", "99%", "99.9%", "99.99%"])
+    axes.set_xlabel("percentile")
+    axes.set_ylabel("latency (ms)")
+    title = f"{result['mode']} {result['payload']}, {result['consumers']} consumer(s)"
+    if result["rate"]:
+        title += f", {result['rate']:,.0f} req/s offered"
+    axes.set_title(f"bales-stream latency: {title}")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
 
 
 def print_report(result: dict) -> None:
@@ -249,7 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="key prefix (default: a fresh one); with --consumers 0,"
         " drive an external service started with this KEY_PREFIX",
     )
-    parser.add_argument("--json-out", type=Path, help="also write the result as JSON here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "load",
+        help="write the result to OUT.json and the latency plot to OUT.png"
+        " (default benchmarks/results/load)",
+    )
     return parser
 
 
@@ -257,9 +329,14 @@ def main() -> None:
     args = build_parser().parse_args()
     result = asyncio.run(run(args))
     print_report(result)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, plot_path = args.out.with_suffix(".json"), args.out.with_suffix(".png")
+    json_path.write_text(json.dumps(result, indent=2))
+    print(f"  result: {json_path}")
+    if write_plot(result, plot_path):
+        print(f"  latency plot: {plot_path}")
+    else:
+        print("  no latency plot: matplotlib missing (pip install -e '.[bench]')")
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def test_help_lists_the_subcommands() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bales_stream", "--help"], capture_output=True, text=True, timeout=60
     )
-    for command in ("serve", "send", "info", "config"):
+    for command in ("serve", "send", "info", "check", "reload", "config"):
         assert command in result.stdout
 
 
@@ -194,3 +194,40 @@ async def test_without_redis_url_an_embedded_redis_is_started(monkeypatch) -> No
 async def test_an_explicit_redis_url_is_used_as_is(redis_url) -> None:
     url, server = await resolve_redis_url(load_settings(redis_url=redis_url))
     assert (url, server) == (redis_url, None)
+
+
+async def test_check_exits_0_when_ready_and_1_when_nothing_answers(service, redis_url, prefix):
+    env = service_env(redis_url, prefix, PORT=str(service.sidecar.port))
+    ready = await asyncio.to_thread(cli, "check", env=env)
+    assert (ready.returncode, ready.stdout.strip()) == (0, "ready (200)")
+    gone = await asyncio.to_thread(cli, "check", env={**env, "PORT": str(free_port())})
+    assert gone.returncode == 1
+    assert "cannot reach http://127.0.0.1:" in gone.stderr
+
+
+async def test_reload_command_swaps_the_model_and_needs_the_token(
+    service_factory, redis_url, prefix
+):
+    async with service_factory(SIDECAR_TOKEN="s3cret", WEIGHTS_DIR=str(ROOT / "weights")) as svc:
+        env = service_env(redis_url, prefix, PORT=str(svc.sidecar.port))
+        refused = await asyncio.to_thread(cli, "reload", "stub_v1", "stub_v2.pt", env=env)
+        assert refused.returncode == 1
+        assert "reload refused (401)" in refused.stderr
+        env["SIDECAR_TOKEN"] = "s3cret"
+        done = await asyncio.to_thread(cli, "reload", "stub_v1", "stub_v2.pt", env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["version"].startswith("stub_v2-")
+        assert svc.worker.registry.get("stub_v1").version.startswith("stub_v2-")
+
+
+async def test_info_shows_the_age_of_the_oldest_waiting_request(redis_url, prefix) -> None:
+    r = redis.Redis.from_url(redis_url)
+    stream = f"{prefix}:{{requests}}:p1"
+    r.xadd(stream, {"request_id": "old", "model_id": "stub_v1", "input": "[1]"}, id="1000-0")
+    env = service_env(redis_url, prefix)
+    info = await asyncio.to_thread(cli, "info", env=env)
+    assert info.returncode == 0, info.stderr
+    row = next(line for line in info.stdout.splitlines() if line.startswith("p1"))
+    age_s = float(row.split()[-1].rstrip("s"))
+    assert age_s > 1_000_000  # entry id 1000 ms: enqueued in 1970
+    assert row.split()[2] == "1"  # length

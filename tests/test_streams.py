@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -93,6 +94,25 @@ async def test_queue_stats_report_length_lag_and_pending(store, aredis, keys):
     stats = await store.queue_stats()
     assert (stats[2].length, stats[2].lag, stats[2].pending) == (10, 7, 3)
     assert (stats[0].length, stats[0].pending) == (0, 0)
+
+
+async def test_queue_stats_report_the_age_of_the_oldest_unanswered_request(store, aredis, keys):
+    now_ms = int(time.time() * 1000)
+    for age_ms, stream in ((60_000, 1), (30_000, 1), (5_000, 2)):
+        await aredis.xadd(keys.stream(stream), {"request_id": "x"}, id=f"{now_ms - age_ms}-0")
+    stats = await store.queue_stats()
+    assert stats[0].oldest_age_s is None  # nothing waits
+    assert stats[1].oldest_age_s == pytest.approx(60, abs=5)  # the first undelivered
+    assert stats[2].oldest_age_s == pytest.approx(5, abs=5)
+    assert stats[1].consumers == 0
+    await store.read(count=1, share=1, block_ms=100)  # now p1's oldest is pending, p2's too
+    stats = await store.queue_stats()
+    assert stats[1].oldest_age_s == pytest.approx(60, abs=5)
+    assert stats[1].consumers == 1
+    entries = await aredis.xrange(keys.stream(1))
+    await aredis.xack(keys.stream(1), "bales", entries[0][0])
+    stats = await store.queue_stats()
+    assert stats[1].oldest_age_s == pytest.approx(30, abs=5)  # the next one, undelivered
 
 
 async def test_the_lease_refreshes_ours_skips_acked_and_reports_stolen(store, aredis, keys):

@@ -29,6 +29,7 @@ FIELD_ENCODING = "encoding"
 FIELD_MODEL_TYPE = "model_type"
 FIELD_TIMEOUT_MS = "timeout_ms"
 FIELD_REPLY_TO = "reply_to"
+FIELD_TRACEPARENT = "traceparent"
 
 ENCODING_JSON = "json"
 ENCODING_F32 = "f32"

@@ -1,0 +1,74 @@
+"""Structured logs, W3C trace context, and the batch span."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from bales_producer import wire
+
+from bales_stream.logs import configure_logging
+from bales_stream.protocol import Request, _traceparent
+from bales_stream.tracing import batch_span
+
+VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_json_logs_carry_the_consumer_and_event_fields(capfd) -> None:
+    configure_logging("info", "json", consumer="consumer-7")
+    try:
+        logging.getLogger("bales_stream.test").warning(
+            "model %s raised", "m1", extra={"request_id": "r-1", "entry_id": "1-0"}
+        )
+        line = capfd.readouterr().err.strip().splitlines()[-1]
+    finally:
+        configure_logging("warning")
+    record = json.loads(line)
+    assert record["message"] == "model m1 raised"
+    assert record["level"] == "WARNING" and record["logger"] == "bales_stream.test"
+    assert (record["consumer"], record["request_id"], record["entry_id"]) == (
+        "consumer-7",
+        "r-1",
+        "1-0",
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept"),
+    [
+        (VALID, True),
+        (VALID.upper(), False),  # W3C: lowercase hex only
+        ("00-" + "0" * 32 + "-00f067aa0ba902b7-01", False),  # all-zero trace id
+        ("ff" + VALID[2:], False),  # version ff is invalid
+        (VALID[:-1], False),
+        ("not a trace", False),
+    ],
+)
+def test_only_a_valid_traceparent_is_kept(raw: str, kept: bool) -> None:
+    fields = {wire.FIELD_TRACEPARENT.encode(): raw.encode()}
+    assert _traceparent(fields) == (raw if kept else None)
+
+
+def test_a_batch_span_links_to_every_request_trace() -> None:
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    export = pytest.importorskip("opentelemetry.sdk.trace.export")
+    in_memory = pytest.importorskip("opentelemetry.sdk.trace.export.in_memory_span_exporter")
+    from opentelemetry import trace
+
+    exporter = in_memory.InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(export.SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    rows = np.zeros(128, dtype=np.float32)
+    requests = [
+        Request(0, "1-0", "a", "stub_v1", rows, 0, 1, None, traceparent=VALID),
+        Request(0, "1-1", "b", "stub_v1", rows, 0, 1, None),
+    ]
+    with batch_span("stub_v1", requests):
+        pass
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "bales.batch"
+    assert span.attributes["bales.batch_size"] == 2
+    assert [format(link.context.trace_id, "032x") for link in span.links] == [VALID[3:35]]
