@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import Counter
@@ -108,6 +109,7 @@ class Worker:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._clock_offset_ms = 0.0
+        self._batch_ids = itertools.count(1)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -321,6 +323,20 @@ class Worker:
 
     async def _process(self, batch: list[Request]) -> None:
         """Compute one batch, then write its replies and ack in one fenced step."""
+        batch_id = next(self._batch_ids)
+        if log.isEnabledFor(logging.DEBUG):  # per batch: only when asked for
+            log.debug(
+                "batch %d: %d requests of %s",
+                batch_id,
+                len(batch),
+                batch[0].model_id,
+                extra={
+                    "batch_id": batch_id,
+                    "request_ids": [r.request_id for r in batch],
+                    "entry_ids": [f"p{r.priority}:{r.entry_id}" for r in batch],
+                    "traceparents": [r.traceparent for r in batch if r.traceparent],
+                },
+            )
         try:
             outcome = await self.processor.process(batch)
             self._release(outcome.failed)  # unleased: reclaimed after CLAIM_IDLE_MS
