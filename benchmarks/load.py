@@ -157,7 +157,7 @@ async def saturate(client: AsyncClient, args: argparse.Namespace, results: Resul
 async def open_loop(client: AsyncClient, args: argparse.Namespace, results: Results) -> None:
     inputs = make_inputs(1024, args.payload)
     total = int(args.rate * args.duration_s)
-    start_s = time.perf_counter() + 0.05
+    start_s = time.perf_counter() + max(0.05, getattr(args, "start_at", 0) - time.time())
     tasks = []
 
     i = 0
@@ -172,6 +172,118 @@ async def open_loop(client: AsyncClient, args: argparse.Namespace, results: Resu
     await asyncio.gather(*tasks)
 
 
+CpuSample = tuple[float, float, float]
+"""CPU seconds so far of (the producer(s), the consumers, redis-server)."""
+
+
+async def run_here(
+    args: argparse.Namespace,
+    redis_url: str,
+    prefix: str,
+    results: Results,
+    consumers: Consumers,
+    server_pid: int | None,
+) -> tuple[CpuSample, CpuSample, float]:
+    """Drive the load from this process."""
+    async with AsyncClient(redis_url, prefix=prefix) as client:
+        await client.infer("stub_v1", make_inputs(1, args.payload)[0])  # warm-up
+        cpu_before = _cpu_sample(time.process_time(), consumers, server_pid)
+        started_s = time.perf_counter()
+        progress = asyncio.create_task(show_progress(results, args.duration_s))
+        try:
+            await (saturate if args.mode == "saturate" else open_loop)(client, args, results)
+        finally:
+            progress.cancel()
+        elapsed_s = time.perf_counter() - started_s
+        cpu_after = _cpu_sample(time.process_time(), consumers, server_pid)
+    return cpu_before, cpu_after, elapsed_s
+
+
+async def run_producers(
+    args: argparse.Namespace,
+    redis_url: str,
+    prefix: str,
+    results: Results,
+    consumers: Consumers,
+    server_pid: int | None,
+) -> tuple[CpuSample, CpuSample, float]:
+    """Drive the load from ``--producers`` processes, each offering ``rate / N`` (open mode)
+    or ``in_flight / N`` (saturate), all starting at the same moment; merge their results."""
+    start_at = time.time() + PRODUCER_START_DELAY_S
+    outputs = [Path(f"/tmp/bales-load-{uuid.uuid4().hex}.json") for _ in range(args.producers)]
+    share = [
+        f"--rate={args.rate / args.producers}",
+        f"--in-flight={max(1, args.in_flight // args.producers)}",
+    ]
+    command = [sys.executable, "-m", "benchmarks.load", "--role=producer", *share]
+    command += [f"--{name.replace('_', '-')}={value}" for name, value in _shared_options(args)]
+    command += [f"--redis-url={redis_url}", f"--prefix={prefix}", f"--start-at={start_at}"]
+    cpu_before = _cpu_sample(0.0, consumers, server_pid)
+    children = [
+        await asyncio.create_subprocess_exec(*command, f"--producer-out={out}", cwd=ROOT)
+        for out in outputs
+    ]
+    codes = [await child.wait() for child in children]
+    ended_at = start_at
+    if any(codes):
+        raise RuntimeError(f"a producer process failed (exit codes {codes})")
+    producer_cpu_s = 0.0
+    for out in outputs:
+        part = json.loads(out.read_text())
+        out.unlink()
+        for priority, values in part["latencies_ms"].items():
+            results.latencies_ms[int(priority)] += values
+        results.batch_sizes += part["batch_sizes"]
+        for name, n in part["errors"].items():
+            results.errors[name] = results.errors.get(name, 0) + n
+        producer_cpu_s += part["cpu_s"]
+        ended_at = max(ended_at, part["ended_at"])
+    cpu_after = _cpu_sample(producer_cpu_s, consumers, server_pid)
+    return cpu_before, cpu_after, ended_at - start_at
+
+
+PRODUCER_START_DELAY_S = 3.0
+"""Time for the producer processes to start (imports, connections) before the clock runs."""
+
+
+def _shared_options(args: argparse.Namespace) -> list[tuple[str, object]]:
+    mix = ",".join(str(x) for x in args.mix)
+    return [
+        ("mode", args.mode),
+        ("duration_s", args.duration_s),
+        ("payload", args.payload),
+        ("mix", mix),
+        ("timeout_s", args.timeout_s),
+    ]
+
+
+def _cpu_sample(producer_s: float, consumers: Consumers, server_pid: int | None) -> CpuSample:
+    return (producer_s, consumers.cpu_s(), cpu_seconds(server_pid) if server_pid else 0.0)
+
+
+async def producer_role(args: argparse.Namespace) -> None:
+    """One of several producer processes: load the given share, write the raw results."""
+    results = Results()
+    async with AsyncClient(args.redis_url, prefix=args.prefix) as client:
+        await client.infer("stub_v1", make_inputs(1, args.payload)[0])  # warm-up
+        if args.mode == "saturate":
+            await asyncio.sleep(max(0.0, args.start_at - time.time()))
+        cpu_before = time.process_time()
+        await (saturate if args.mode == "saturate" else open_loop)(client, args, results)
+        cpu_s = time.process_time() - cpu_before
+    args.producer_out.write_text(
+        json.dumps(
+            {
+                "latencies_ms": results.latencies_ms,
+                "batch_sizes": results.batch_sizes,
+                "errors": results.errors,
+                "cpu_s": cpu_s,
+                "ended_at": time.time(),
+            }
+        )
+    )
+
+
 async def run(args: argparse.Namespace) -> dict:
     server = None if args.redis_url else RedisServer().start()
     redis_url = args.redis_url or server.url  # type: ignore[union-attr]
@@ -180,25 +292,15 @@ async def run(args: argparse.Namespace) -> dict:
     consumers = Consumers(args.consumers, redis_url, prefix, env)
     await consumers.start()
     results = Results()
+    server_pid = server.process.pid if server and server.process else None
     try:
-        async with AsyncClient(redis_url, prefix=prefix) as client:
-            await client.infer("stub_v1", make_inputs(1, args.payload)[0])  # warm-up
-            cpu_before = (
-                time.process_time(),
-                consumers.cpu_s(),
-                cpu_seconds(server.process.pid) if server and server.process else 0.0,
+        if args.producers > 1:
+            cpu_before, cpu_after, elapsed_s = await run_producers(
+                args, redis_url, prefix, results, consumers, server_pid
             )
-            started_s = time.perf_counter()
-            progress = asyncio.create_task(show_progress(results, args.duration_s))
-            try:
-                await (saturate if args.mode == "saturate" else open_loop)(client, args, results)
-            finally:
-                progress.cancel()
-            elapsed_s = time.perf_counter() - started_s
-            cpu_after = (
-                time.process_time(),
-                consumers.cpu_s(),
-                cpu_seconds(server.process.pid) if server and server.process else 0.0,
+        else:
+            cpu_before, cpu_after, elapsed_s = await run_here(
+                args, redis_url, prefix, results, consumers, server_pid
             )
     finally:
         await consumers.stop()
@@ -212,6 +314,7 @@ async def run(args: argparse.Namespace) -> dict:
         "mode": args.mode,
         "payload": args.payload,
         "consumers": args.consumers,
+        "producers": args.producers,
         "rate": args.rate if args.mode == "open" else None,
         "requests": results.count,
         "elapsed_s": elapsed_s,
@@ -301,6 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--consumers", type=int, default=1, help="0: use running consumers")
     parser.add_argument("--in-flight", type=int, default=1000, help="saturate mode")
     parser.add_argument(
+        "--producers",
+        type=int,
+        default=1,
+        help="producer processes sharing the load (one Python process tops out near 10k req/s)",
+    )
+    parser.add_argument(
+        "--role", choices=["main", "producer"], default="main", help=argparse.SUPPRESS
+    )
+    parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--producer-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
         "--mix",
         type=lambda s: [float(x) for x in s.split(",")],
         default=[0.1, 0.6, 0.3],
@@ -327,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.role == "producer":
+        asyncio.run(producer_role(args))
+        return
     result = asyncio.run(run(args))
     print_report(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
