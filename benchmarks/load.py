@@ -176,18 +176,28 @@ CpuSample = tuple[float, float, float]
 """CPU seconds so far of (the producer(s), the consumers, redis-server)."""
 
 
+@dataclass
+class System:
+    """What the load runs against: a Redis, a key prefix, and the processes to meter."""
+
+    redis_url: str
+    prefix: str
+    consumers: Consumers
+    server_pid: int | None
+
+    def cpu(self, producer_s: float) -> CpuSample:
+        """CPU seconds so far of (producer_s, the consumers, redis-server)."""
+        server_s = cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        return (producer_s, self.consumers.cpu_s(), server_s)
+
+
 async def run_here(
-    args: argparse.Namespace,
-    redis_url: str,
-    prefix: str,
-    results: Results,
-    consumers: Consumers,
-    server_pid: int | None,
+    args: argparse.Namespace, system: System, results: Results
 ) -> tuple[CpuSample, CpuSample, float]:
     """Drive the load from this process."""
-    async with AsyncClient(redis_url, prefix=prefix) as client:
+    async with AsyncClient(system.redis_url, prefix=system.prefix) as client:
         await client.infer("stub_v1", make_inputs(1, args.payload)[0])  # warm-up
-        cpu_before = _cpu_sample(time.process_time(), consumers, server_pid)
+        cpu_before = system.cpu(time.process_time())
         started_s = time.perf_counter()
         progress = asyncio.create_task(show_progress(results, args.duration_s))
         try:
@@ -195,17 +205,12 @@ async def run_here(
         finally:
             progress.cancel()
         elapsed_s = time.perf_counter() - started_s
-        cpu_after = _cpu_sample(time.process_time(), consumers, server_pid)
+        cpu_after = system.cpu(time.process_time())
     return cpu_before, cpu_after, elapsed_s
 
 
 async def run_producers(
-    args: argparse.Namespace,
-    redis_url: str,
-    prefix: str,
-    results: Results,
-    consumers: Consumers,
-    server_pid: int | None,
+    args: argparse.Namespace, system: System, results: Results
 ) -> tuple[CpuSample, CpuSample, float]:
     """Drive the load from ``--producers`` processes, each offering ``rate / N`` (open mode)
     or ``in_flight / N`` (saturate), all starting at the same moment; merge their results."""
@@ -217,8 +222,9 @@ async def run_producers(
     ]
     command = [sys.executable, "-m", "benchmarks.load", "--role=producer", *share]
     command += [f"--{name.replace('_', '-')}={value}" for name, value in _shared_options(args)]
-    command += [f"--redis-url={redis_url}", f"--prefix={prefix}", f"--start-at={start_at}"]
-    cpu_before = _cpu_sample(0.0, consumers, server_pid)
+    command += [f"--redis-url={system.redis_url}", f"--prefix={system.prefix}"]
+    command += [f"--start-at={start_at}"]
+    cpu_before = system.cpu(0.0)
     children = [
         await asyncio.create_subprocess_exec(*command, f"--producer-out={out}", cwd=ROOT)
         for out in outputs
@@ -238,7 +244,7 @@ async def run_producers(
             results.errors[name] = results.errors.get(name, 0) + n
         producer_cpu_s += part["cpu_s"]
         ended_at = max(ended_at, part["ended_at"])
-    cpu_after = _cpu_sample(producer_cpu_s, consumers, server_pid)
+    cpu_after = system.cpu(producer_cpu_s)
     return cpu_before, cpu_after, ended_at - start_at
 
 
@@ -255,10 +261,6 @@ def _shared_options(args: argparse.Namespace) -> list[tuple[str, object]]:
         ("mix", mix),
         ("timeout_s", args.timeout_s),
     ]
-
-
-def _cpu_sample(producer_s: float, consumers: Consumers, server_pid: int | None) -> CpuSample:
-    return (producer_s, consumers.cpu_s(), cpu_seconds(server_pid) if server_pid else 0.0)
 
 
 async def producer_role(args: argparse.Namespace) -> None:
@@ -293,15 +295,10 @@ async def run(args: argparse.Namespace) -> dict:
     await consumers.start()
     results = Results()
     server_pid = server.process.pid if server and server.process else None
+    system = System(redis_url, prefix, consumers, server_pid)
     try:
-        if args.producers > 1:
-            cpu_before, cpu_after, elapsed_s = await run_producers(
-                args, redis_url, prefix, results, consumers, server_pid
-            )
-        else:
-            cpu_before, cpu_after, elapsed_s = await run_here(
-                args, redis_url, prefix, results, consumers, server_pid
-            )
+        drive = run_producers if args.producers > 1 else run_here
+        cpu_before, cpu_after, elapsed_s = await drive(args, system, results)
     finally:
         await consumers.stop()
         if server:
