@@ -150,3 +150,12 @@ def test_the_dashboard_is_provisioned_from_the_mounted_path() -> None:
         v.split(":")[1] for v in COMPOSE["services"]["grafana"]["volumes"] if "bales.json" in v
     ]
     assert Path(mounted[0]).parent == Path(provider["providers"][0]["options"]["path"])
+
+
+def test_k8s_gives_a_read_only_root_a_writable_tmp() -> None:
+    pod = next(d for d in K8S if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"tmp": "/tmp"}
+    assert {v["name"] for v in pod["volumes"]} == {"tmp"}
