@@ -72,3 +72,17 @@ def test_a_batch_span_links_to_every_request_trace() -> None:
     assert span.name == "bales.batch"
     assert span.attributes["bales.batch_size"] == 2
     assert [format(link.context.trace_id, "032x") for link in span.links] == [VALID[3:35]]
+
+
+async def test_a_producer_traceparent_reaches_the_consumers_batch_log(
+    service, redis_url, prefix, caplog
+) -> None:
+    from bales_producer import AsyncClient
+
+    caplog.set_level(logging.DEBUG, logger="bales_stream.worker")
+    async with AsyncClient(redis_url, prefix=prefix) as client:
+        reply = await client.infer("stub_v1", [0.5] * 128, traceparent=VALID, request_id="tp-1")
+    assert reply["status"] == "ok"
+    batches = [r for r in caplog.records if getattr(r, "batch_id", None) is not None]
+    carrying = [r for r in batches if "tp-1" in r.request_ids]
+    assert carrying and carrying[0].traceparents == [VALID]

@@ -95,7 +95,7 @@ class AsyncClient:
         """Enqueue one request and return its request_id once Redis has accepted it.
 
         Options: ``priority`` (0 is highest, default 1), ``timeout_s`` (default 5),
-        ``request_id``, ``model_type``.
+        ``request_id``, ``model_type``, ``traceparent`` (W3C trace context).
         """
         request = self.core.build(model_id, values, reply_to=self.inbox, **options)
         await self._send(request)

@@ -48,7 +48,7 @@ class Client:
         """Enqueue one request and return its request_id.
 
         Options: ``priority`` (0 is highest, default 1), ``timeout_s`` (default 5),
-        ``request_id``, ``model_type``.
+        ``request_id``, ``model_type``, ``traceparent`` (W3C trace context).
         """
         return self._enqueue(model_id, values, options).request_id
 

@@ -138,8 +138,10 @@ class ClientCore:
         request_id: str | None = None,
         model_type: str | None = None,
         reply_to: str | None = None,
+        traceparent: str | None = None,
     ) -> OutgoingRequest:
-        """Validate the arguments and build the entry to XADD."""
+        """Validate the arguments and build the entry to XADD (``traceparent``: the W3C trace
+        context of the caller's current span, carried to the consumer's logs and spans)."""
         request_id = request_id or new_request_id()
         if not wire.is_valid_request_id(request_id):
             raise ValueError(
@@ -161,6 +163,8 @@ class ClientCore:
             fields[wire.FIELD_MODEL_TYPE] = model_type
         if reply_to:
             fields[wire.FIELD_REPLY_TO] = reply_to
+        if traceparent:
+            fields[wire.FIELD_TRACEPARENT] = traceparent
         return OutgoingRequest(
             request_id, priority, self.keys.stream(priority), fields, timeout_s + REPLY_GRACE_S
         )
