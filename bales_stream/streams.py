@@ -52,6 +52,43 @@ return stale
 """
 
 
+# Redis Cluster: a reply key has its own hash slot, so one script cannot write it and ack its
+# entry. There, replies are written first, each at most once (_REPLY_ONCE_LUA, sent with EVAL:
+# cluster pipelines refuse EVALSHA), then each entry is acked only if still pending for this
+# consumer (_ACK_OWNED_LUA: the request streams share one hash tag). Nothing is lost (a reply
+# precedes its ack), and a reply is still written once; what is weaker than on one node is
+# the fence: a stale owner's reply can land before the new owner's (both are answers to the
+# same request; only the first is kept) and its ack is still refused and counted.
+_REPLY_ONCE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+_ACK_OWNED_LUA = """
+local group, consumer = ARGV[1], ARGV[2]
+local stale = 0
+for i = 1, #KEYS do
+  local id = ARGV[i + 2]
+  if #redis.call('XPENDING', KEYS[i], group, id, id, 1, consumer) == 1 then
+    redis.call('XACK', KEYS[i], group, id)
+  else
+    stale = stale + 1
+  end
+end
+return stale
+"""
+
+# Cluster dead-lettering: KEYS dead stream, request stream; ARGV maxlen, entry id, group, then
+# the record's field/value pairs. Both keys carry the queue's hash tag.
+_DEAD_LETTER_LUA = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
+redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+return 1
+"""
+
+
 # Prioritised read: KEYS are the request streams, highest priority first.
 # ARGV: group, consumer, count, share. Every lower level first gets up to `share` entries (so a
 # flood of p0 cannot starve it), then the rest of `count` is filled strictly by priority.
@@ -182,8 +219,10 @@ class StreamStore:
         group: str,
         consumer: str,
         reply_ttl_s: int,
+        cluster: bool = False,
     ) -> None:
         self.redis = redis
+        self.cluster = cluster
         self.keys = keys
         self.group = group
         self.consumer = consumer
@@ -250,9 +289,29 @@ class StreamStore:
         still pending for this consumer. Returns how many were stale (not ours any more)."""
         if not completions:
             return 0
+        if self.cluster:
+            return await self._complete_on_cluster(completions)
         keys, args = self._completion_call(completions)
         stale = await self._complete(keys=keys, args=args)
         return int(stale)
+
+    async def _complete_on_cluster(self, completions: list[Completion]) -> int:
+        """Replies first (each once), then the fenced acks: see ``_REPLY_ONCE_LUA``."""
+        async with self.redis.pipeline() as pipe:
+            for done in completions:
+                reply_key = self.keys.reply(done.request_id)
+                pipe.eval(_REPLY_ONCE_LUA, 1, reply_key, done.document, self.reply_ttl_s)
+            written = await pipe.execute()
+        async with self.redis.pipeline() as pipe:
+            for done, new in zip(completions, written, strict=True):
+                if new and done.reply_to:
+                    pipe.rpush(done.reply_to, done.document)
+                    pipe.expire(done.reply_to, self.reply_ttl_s)
+            streams = [self.keys.stream(done.priority) for done in completions]
+            ids = [done.entry_id for done in completions]
+            pipe.eval(_ACK_OWNED_LUA, len(streams), *streams, self.group, self.consumer, *ids)
+            results = await pipe.execute()
+        return int(results[-1])
 
     def _completion_call(self, completions: list[Completion]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
@@ -275,6 +334,9 @@ class StreamStore:
         }
         for name, value in (entry.fields or {}).items():
             record[b"field:" + name] = value
+        if self.cluster:
+            await self._dead_letter_on_cluster(entry, record, reply)
+            return
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.dead_letter, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
             if reply is None:
@@ -283,6 +345,32 @@ class StreamStore:
                 keys, args = self._completion_call([reply])
                 await self._complete(keys=keys, args=args, client=pipe)
             await pipe.execute()
+
+    async def _dead_letter_on_cluster(
+        self, entry: StreamEntry, record: dict[Any, Any], reply: Completion | None
+    ) -> None:
+        """The reply first (written once), then the dead-letter record and the ack in one
+        script on the queue's hash slot."""
+        if reply is not None:
+            reply_key = self.keys.reply(reply.request_id)
+            new = await self.redis.eval(
+                _REPLY_ONCE_LUA, 1, reply_key, reply.document, self.reply_ttl_s
+            )
+            if new and reply.reply_to:
+                await self.redis.rpush(reply.reply_to, reply.document)
+                await self.redis.expire(reply.reply_to, self.reply_ttl_s)
+        pairs = [item for field in record.items() for item in field]
+        stream = self.keys.stream(entry.priority)
+        await self.redis.eval(
+            _DEAD_LETTER_LUA,
+            2,
+            self.keys.dead_letter,
+            stream,
+            DEAD_LETTER_MAXLEN,
+            entry.entry_id,
+            self.group,
+            *pairs,
+        )
 
     async def refresh_lease(self, held: list[tuple[int, str]]) -> int:
         """Reset the idle time of entries we hold (priority, entry id) so no other consumer
@@ -384,8 +472,8 @@ class StreamStore:
                 else:
                     after = _text(group.get("last-delivered-id")) if group else "0-0"
                     pipe.xrange(stream, min=f"({after}", count=1)
-            pipe.time()
-            *answers, (seconds, micros) = await pipe.execute(raise_on_error=False)
+            answers = await pipe.execute(raise_on_error=False)
+        seconds, micros = await self.redis.time()  # not in the pipeline: Redis Cluster refuses
         oldest: list[int | None] = []
         for answer in answers:
             if isinstance(answer, dict):

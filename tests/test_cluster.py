@@ -1,0 +1,101 @@
+"""Redis Cluster groundwork: a real 3-primary cluster (redis-server processes in cluster
+mode, joined with ``redis-cli --cluster create``) and the parts of the stream store that
+differ there (reply keys live in other hash slots than the request streams)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from bales_producer import KeySpace
+from redis.asyncio.cluster import RedisCluster
+
+from bales_stream.embedded_redis import LocalCluster
+from bales_stream.replies import Completion
+from bales_stream.streams import StreamEntry, StreamStore
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    running = LocalCluster(primaries=3).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+async def rc(cluster: LocalCluster) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster.from_url(cluster.url)
+    await client.initialize()  # learn the slot map
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def keys() -> KeySpace:
+    return KeySpace(f"c{uuid.uuid4().hex[:8]}")
+
+
+async def store_for(rc: RedisCluster, keys: KeySpace, consumer: str) -> StreamStore:
+    store = StreamStore(rc, keys, "bales", consumer, reply_ttl_s=60, cluster=True)  # type: ignore[arg-type]
+    await store.ensure_groups()
+    return store
+
+
+def completion(entry: StreamEntry, request_id: str, reply_to: str | None = None) -> Completion:
+    document = json.dumps({"request_id": request_id, "status": "ok"}).encode()
+    return Completion(entry.priority, entry.entry_id, request_id, document, reply_to)
+
+
+async def test_the_cluster_spreads_reply_keys_over_its_primaries(rc, keys) -> None:
+    slots = {RedisCluster.keyslot(rc, keys.reply(f"r{i}")) for i in range(30)}
+    nodes = {rc.get_node_from_key(keys.reply(f"r{i}")).name for i in range(30)}
+    assert len(slots) > 1 and len(nodes) == 3
+    assert len({RedisCluster.keyslot(rc, stream) for stream in keys.streams}) == 1
+
+
+async def test_completion_on_a_cluster_writes_each_reply_once_then_acks(rc, keys) -> None:
+    store = await store_for(rc, keys, "me")
+    for i in range(20):
+        await rc.xadd(keys.stream(i % 3), {"request_id": f"r{i}"})
+    entries = await store.read(count=20, share=20, block_ms=100)
+    assert len(entries) == 20
+    inbox = keys.inbox("client-1")
+    done = [completion(e, e.fields[b"request_id"].decode(), inbox) for e in entries]
+    assert await store.complete(done) == 0
+    for item in done:
+        assert await rc.lrange(keys.reply(item.request_id), 0, -1) == [item.document]
+    assert await rc.llen(inbox) == 20
+    assert [s.pending for s in await store.queue_stats()] == [0, 0, 0]
+    assert await store.complete(done) == 20  # already acked: refused, counted, not rewritten
+    assert await rc.llen(inbox) == 20
+
+
+async def test_a_stale_owner_on_a_cluster_cannot_ack_and_its_reply_is_written_once(
+    rc, keys
+) -> None:
+    old = await store_for(rc, keys, "old")
+    new = await store_for(rc, keys, "new")
+    await rc.xadd(keys.stream(1), {"request_id": "r1"})
+    (entry,) = await old.read(count=1, share=1, block_ms=100)
+    await rc.xclaim(keys.stream(1), "bales", "new", 0, [entry.entry_id])
+    assert await old.complete([completion(entry, "r1")]) == 1  # the fence refuses the ack
+    assert (await rc.xpending(keys.stream(1), "bales"))["pending"] == 1
+    late = Completion(1, entry.entry_id, "r1", b'{"second": true}', None)
+    assert await new.complete([late]) == 0
+    replies = await rc.lrange(keys.reply("r1"), 0, -1)
+    assert len(replies) == 1  # written once, whoever came first
+    assert (await rc.xpending(keys.stream(1), "bales"))["pending"] == 0
+
+
+async def test_dead_lettering_on_a_cluster_records_replies_and_acks(rc, keys) -> None:
+    store = await store_for(rc, keys, "me")
+    await rc.xadd(keys.stream(2), {"request_id": "bad", "model_id": "m"})
+    (entry,) = await store.read(count=1, share=1, block_ms=100)
+    await store.dead_letter(entry, "failed on 3 deliveries", completion(entry, "bad"))
+    (record,) = await rc.xrange(keys.dead_letter)
+    assert record[1][b"reason"] == b"failed on 3 deliveries"
+    assert record[1][b"field:model_id"] == b"m"
+    assert await rc.llen(keys.reply("bad")) == 1
+    assert (await rc.xpending(keys.stream(2), "bales"))["pending"] == 0
