@@ -26,6 +26,7 @@ import urllib.request
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from .logs import configure_logging
 from .settings import Settings, SettingsError, load_settings
@@ -40,6 +41,7 @@ def _client(settings: Settings) -> Any:
         prefix=keys.prefix,
         queue=keys.queue,
         priority_levels=keys.priority_levels,
+        cluster=settings.redis_cluster,
     )
 
 
@@ -77,7 +79,9 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_info(settings: Settings, args: argparse.Namespace) -> int:
     """Print per-priority depth and the group's consumers (``--watch``: over and over)."""
-    r = redis.Redis.from_url(settings.redis_url.get_secret_value(), decode_responses=True)
+    url = settings.redis_url.get_secret_value()
+    redis_class = RedisCluster if settings.redis_cluster else redis.Redis
+    r = redis_class.from_url(url, decode_responses=True)
     if args.watch is None:
         print(queue_report(r, settings))
         return 0
@@ -91,7 +95,7 @@ def cmd_info(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
 
-def queue_report(r: redis.Redis, settings: Settings) -> str:
+def queue_report(r: Any, settings: Settings) -> str:
     """Per priority: length, lag, pending and the age of the oldest waiting request; then
     the group's consumers with their pending count and idle time."""
     keys = settings.keys
@@ -118,13 +122,13 @@ def queue_report(r: redis.Redis, settings: Settings) -> str:
     return "\n".join(lines)
 
 
-def _redis_ms(r: redis.Redis) -> int:
+def _redis_ms(r: Any) -> int:
     seconds, micros = r.time()  # type: ignore[misc]
     return int(seconds) * 1000 + int(micros) // 1000
 
 
 def _oldest_waiting_ms(
-    r: redis.Redis, stream: str, group_name: str, group: dict[str, Any] | None
+    r: Any, stream: str, group_name: str, group: dict[str, Any] | None
 ) -> int | None:
     """Enqueue time (entry ID ms) of the oldest request not yet answered: the oldest pending
     entry, else the first one not yet delivered to the group."""
@@ -181,7 +185,7 @@ def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
     return 1
 
 
-def _groups(r: redis.Redis, stream: str) -> list[dict[str, Any]]:
+def _groups(r: Any, stream: str) -> list[dict[str, Any]]:
     try:
         return r.xinfo_groups(stream)  # type: ignore[return-value]
     except redis.ResponseError:

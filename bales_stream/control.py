@@ -35,6 +35,7 @@ class FleetControl:
     ) -> None:
         self.redis = redis
         self.keys = settings.keys
+        self.cluster = settings.redis_cluster
         self.registry = registry
         self.metrics = metrics
         self._task: asyncio.Task[None] | None = None
@@ -55,10 +56,15 @@ class FleetControl:
         """Reload here; if it works, make every consumer follow. Raises ``ModelLoadError``."""
         old, new = await self._reload(model_id, weights_path)
         record = json.dumps({"weights_path": weights_path, "version": new})
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.desired_models, model_id, record)
-            pipe.publish(self.keys.control_channel, json.dumps({"model_id": model_id}))
-            _, listeners = await pipe.execute()
+        message = json.dumps({"model_id": model_id})
+        if self.cluster:  # no MULTI across a cluster: the hash first, so a late joiner syncs
+            await self.redis.hset(self.keys.desired_models, model_id, record)
+            listeners = await self.redis.publish(self.keys.control_channel, message)
+        else:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.keys.desired_models, model_id, record)
+                pipe.publish(self.keys.control_channel, message)
+                _, listeners = await pipe.execute()
         return {
             "model_id": model_id,
             "previous_version": old,

@@ -11,8 +11,10 @@ import contextlib
 import logging
 import random
 import signal
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from .embedded_redis import RedisServer, is_listening
 from .metrics import Metrics
@@ -46,11 +48,20 @@ async def resolve_redis_url(
     return server.url, server
 
 
+def connect(url: str, *, cluster: bool = False) -> Any:
+    """The service's Redis client: one node, or (``cluster``) a Redis Cluster reached
+    through the node ``url`` names. No socket timeout (see ``streams.bounded``); TCP
+    keepalive notices a peer that vanished."""
+    options: dict[str, Any] = {"socket_timeout": None, "socket_keepalive": True}
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return aioredis.Redis.from_url(url, **options)
+
+
 async def run_service(settings: Settings, *, demo: bool = False) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully."""
     url, embedded = await resolve_redis_url(settings)
-    # No socket timeout (see streams.bounded); keepalive notices a peer that vanished.
-    redis = aioredis.Redis.from_url(url, socket_timeout=None, socket_keepalive=True)
+    redis = connect(url, cluster=settings.redis_cluster)
     worker = Worker(settings, redis, Metrics())
     sidecar = Sidecar(worker, settings.host, settings.port)
     stop = asyncio.Event()

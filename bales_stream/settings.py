@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
     redis_url: SecretStr = SecretStr(DEFAULT_REDIS_URL)
+    redis_cluster: bool = False
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_window_ms: float = Field(5.0, ge=0, le=10_000)
     adaptive_window: bool = True

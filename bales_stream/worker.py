@@ -83,6 +83,7 @@ class Worker:
             settings.consumer_group,
             settings.consumer_name,
             settings.reply_ttl_s,
+            cluster=settings.redis_cluster,
         )
         self.batcher: Batcher[Request] = Batcher(
             settings.max_batch_size,

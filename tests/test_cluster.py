@@ -4,17 +4,29 @@ differ there (reply keys live in other hash slots than the request streams)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import numpy as np
 import pytest
-from bales_producer import KeySpace
+from bales_producer import AsyncClient, KeySpace
 from redis.asyncio.cluster import RedisCluster
 
 from bales_stream.embedded_redis import LocalCluster
+from bales_stream.metrics import Metrics
+from bales_stream.models import builtin_stub
 from bales_stream.replies import Completion
+from bales_stream.service import connect
+from bales_stream.settings import load_settings
 from bales_stream.streams import StreamEntry, StreamStore
+from bales_stream.worker import Worker
+
+from .conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +111,55 @@ async def test_dead_lettering_on_a_cluster_records_replies_and_acks(rc, keys) ->
     assert record[1][b"field:model_id"] == b"m"
     assert await rc.llen(keys.reply("bad")) == 1
     assert (await rc.xpending(keys.stream(2), "bales"))["pending"] == 0
+
+
+async def test_the_service_answers_through_a_cluster_and_reloads_fleet_wide(cluster) -> None:
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    settings = load_settings(
+        redis_url=cluster.url,
+        redis_cluster=True,
+        key_prefix=prefix,
+        weights_dir=ROOT / "weights",
+        read_block_ms=200,
+    )
+    worker = Worker(settings, connect(cluster.url, cluster=True), Metrics())
+    await worker.start()
+    try:
+        inputs = np.random.default_rng(7).standard_normal((300, 128)).astype(np.float32)
+        async with AsyncClient(cluster.url, prefix=prefix, cluster=True) as client:
+            replies = [
+                await client.infer("stub_v1", row, priority=i % 3)
+                for i, row in enumerate(inputs[:5])
+            ]
+            replies += await asyncio.gather(
+                *(client.infer("stub_v1", row, priority=i % 3) for i, row in enumerate(inputs[5:]))
+            )
+        expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+        assert [r["result"]["label"] for r in replies] == expected
+        assert max(r["batch_size"] for r in replies) > 1
+        outcome = await worker.control.reload("stub_v1", "stub_v2.pt")
+        assert outcome["version"].startswith("stub_v2-") and outcome["consumers_notified"] >= 1
+        stats = await worker.streams.queue_stats()
+        assert [(s.lag, s.pending) for s in stats] == [(0, 0)] * 3
+    finally:
+        await worker.stop()
+
+
+def test_cli_info_works_against_a_cluster(cluster) -> None:
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "KEY_"))},
+        "REDIS_URL": cluster.url,
+        "REDIS_CLUSTER": "true",
+        "KEY_PREFIX": prefix,
+    }
+    info = subprocess.run(
+        [sys.executable, "-m", "bales_stream", "info"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert info.returncode == 0, info.stderr
+    assert f"{prefix}:{{requests}}:p0" in info.stdout

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from . import wire
@@ -68,12 +69,15 @@ class AsyncClient:
         priority_levels: int = wire.DEFAULT_PRIORITY_LEVELS,
         group: str = "bales",
         max_backlog: int | None = None,
+        cluster: bool = False,
     ) -> None:
         """``max_backlog``: refuse to enqueue (``Overloaded``) while the target priority has
-        more than this many requests not yet delivered to the consumer group ``group``."""
+        more than this many requests not yet delivered to the consumer group ``group``.
+        ``cluster``: ``redis_url`` names one node of a Redis Cluster."""
         keys = wire.KeySpace(prefix, queue, priority_levels)
         self.core = ClientCore(keys, group=group, max_backlog=max_backlog)
-        self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=None)
+        redis_class = RedisCluster if cluster else aioredis.Redis
+        self.redis = redis_class.from_url(redis_url, socket_timeout=None)
         self.inbox = self.core.keys.inbox(uuid.uuid4().hex)
         self._enqueue = self.redis.register_script(_ENQUEUE_LUA)
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}

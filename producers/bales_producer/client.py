@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from . import wire
 from .core import (
@@ -35,14 +36,17 @@ class Client:
         group: str = "bales",
         max_backlog: int | None = None,
         redis_client: redis.Redis | None = None,
+        cluster: bool = False,
     ) -> None:
         """``max_backlog``: refuse to enqueue (``Overloaded``) while the target priority has
-        more than this many requests not yet delivered to the consumer group ``group``."""
+        more than this many requests not yet delivered to the consumer group ``group``.
+        ``cluster``: ``redis_url`` names one node of a Redis Cluster."""
         keys = wire.KeySpace(prefix, queue, priority_levels)
         self.core = ClientCore(keys, group=group, max_backlog=max_backlog)
         # socket_timeout=None: blocking reads carry their own timeout, and redis-py's 5 s
         # default would cut a long BLPOP short.
-        self.redis = redis_client or redis.Redis.from_url(redis_url, socket_timeout=None)
+        redis_class = RedisCluster if cluster else redis.Redis
+        self.redis = redis_client or redis_class.from_url(redis_url, socket_timeout=None)
 
     def submit(self, model_id: str, values: Any, **options: Any) -> str:
         """Enqueue one request and return its request_id.
