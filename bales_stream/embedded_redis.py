@@ -193,17 +193,27 @@ class LocalCluster:
         return self
 
     def _wait_until_ok(self, cli: str, timeout_s: float) -> None:
+        """Every node says the cluster is ok, and every replica's link to its primary is up
+        (clients only see replicas once they replicate)."""
         deadline = time.monotonic() + timeout_s
         for node in self.nodes:
-            while True:
-                info = subprocess.run(
-                    [cli, "-p", str(node.port), "cluster", "info"], capture_output=True, text=True
-                ).stdout
-                if "cluster_state:ok" in info:
-                    break
+            while not self._node_ready(cli, node.port):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"cluster node {node.port} not ok: {info[:200]}")
+                    raise RuntimeError(f"cluster node {node.port} did not become ready")
                 time.sleep(0.05)  # a child's state: there is no event to wait on
+
+    def _node_ready(self, cli: str, port: int) -> bool:
+        def ask(*command: str) -> str:
+            return subprocess.run(
+                [cli, "-p", str(port), *command], capture_output=True, text=True
+            ).stdout
+
+        if "cluster_state:ok" not in ask("cluster", "info"):
+            return False
+        replication = ask("info", "replication")
+        if "role:slave" in replication:
+            return "master_link_status:up" in replication
+        return f"connected_slaves:{self.replicas}" in replication
 
     def stop(self) -> None:
         """Stop every node and remove their data."""

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 from bales_producer import AsyncClient, KeySpace
 from redis.asyncio.cluster import RedisCluster
 
@@ -22,7 +23,7 @@ from bales_stream.metrics import Metrics
 from bales_stream.models import builtin_stub
 from bales_stream.replies import Completion
 from bales_stream.service import connect
-from bales_stream.settings import load_settings
+from bales_stream.settings import Settings, load_settings
 from bales_stream.streams import StreamEntry, StreamStore
 from bales_stream.worker import Worker
 
@@ -53,6 +54,17 @@ async def store_for(rc: RedisCluster, keys: KeySpace, consumer: str) -> StreamSt
     store = StreamStore(rc, keys, "bales", consumer, reply_ttl_s=60, cluster=True)  # type: ignore[arg-type]
     await store.ensure_groups()
     return store
+
+
+def cluster_settings(cluster: LocalCluster, prefix: str, **extra: object) -> Settings:
+    return load_settings(
+        redis_url=cluster.url,
+        redis_cluster=True,
+        key_prefix=prefix,
+        weights_dir=ROOT / "weights",
+        read_block_ms=200,
+        **extra,
+    )
 
 
 def completion(entry: StreamEntry, request_id: str, reply_to: str | None = None) -> Completion:
@@ -115,13 +127,7 @@ async def test_dead_lettering_on_a_cluster_records_replies_and_acks(rc, keys) ->
 
 async def test_the_service_answers_through_a_cluster_and_reloads_fleet_wide(cluster) -> None:
     prefix = f"c{uuid.uuid4().hex[:8]}"
-    settings = load_settings(
-        redis_url=cluster.url,
-        redis_cluster=True,
-        key_prefix=prefix,
-        weights_dir=ROOT / "weights",
-        read_block_ms=200,
-    )
+    settings = cluster_settings(cluster, prefix)
     worker = Worker(settings, connect(cluster.url, cluster=True), Metrics())
     await worker.start()
     try:
@@ -163,3 +169,85 @@ def test_cli_info_works_against_a_cluster(cluster) -> None:
     )
     assert info.returncode == 0, info.stderr
     assert f"{prefix}:{{requests}}:p0" in info.stdout
+
+
+async def test_a_dead_consumers_entries_are_reclaimed_and_answered_on_a_cluster(
+    cluster, rc
+) -> None:
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    keys = KeySpace(prefix)
+    dead = await store_for(rc, keys, "dead")
+    inputs = np.random.default_rng(3).standard_normal((20, 128)).astype(np.float32)
+    for i, row in enumerate(inputs):
+        await rc.xadd(
+            keys.stream(i % 3),
+            {
+                "request_id": f"d{i}",
+                "model_id": "stub_v1",
+                "encoding": "f32",
+                "input": row.tobytes(),
+            },
+        )
+    taken = await dead.read(count=20, share=20, block_ms=100)
+    assert len(taken) == 20  # read, never answered: its consumer "died"
+    settings = cluster_settings(cluster, prefix, claim_idle_ms=300)
+    worker = Worker(settings, connect(cluster.url, cluster=True), Metrics())
+    await worker.start()
+    try:
+        async with AsyncClient(cluster.url, prefix=prefix, cluster=True) as client:
+            replies = [await client.result(f"d{i}", timeout_s=30) for i in range(20)]
+    finally:
+        await worker.stop()
+    expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+    assert [r["result"]["label"] for r in replies] == expected
+    assert worker.metrics.registry.get_sample_value("bales_reclaimed_total") == 20
+
+
+async def replica_of(cluster: LocalCluster, primary_port: int) -> aioredis.Redis:
+    """A client of the node that replicates the primary on ``primary_port``."""
+    for node in cluster.nodes:
+        client = aioredis.Redis.from_url(node.url)
+        replication = await client.info("replication")
+        if replication["role"] == "slave" and replication["master_port"] == primary_port:
+            return client
+        await client.aclose()
+    raise AssertionError(f"no replica of the primary on port {primary_port}")
+
+
+@pytest.fixture(scope="module")
+def replicated_cluster() -> Iterator[LocalCluster]:
+    running = LocalCluster(primaries=3, replicas=1).start()
+    yield running
+    running.stop()
+
+
+async def test_a_primary_failover_under_traffic_loses_no_request(replicated_cluster) -> None:
+    cluster = replicated_cluster
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    keys = KeySpace(prefix)
+    admin = RedisCluster.from_url(cluster.url)
+    await admin.initialize()
+    primary = admin.get_node_from_key(keys.stream(0))
+    replica = await replica_of(cluster, primary.port)
+    settings = cluster_settings(cluster, prefix)
+    worker = Worker(settings, connect(cluster.url, cluster=True), Metrics())
+    await worker.start()
+    inputs = np.random.default_rng(11).standard_normal((400, 128)).astype(np.float32)
+    try:
+        async with AsyncClient(cluster.url, prefix=prefix, cluster=True) as client:
+            first = [client.infer("stub_v1", row, timeout_s=60) for row in inputs[:200]]
+            sent = asyncio.gather(*first)
+            await replica.execute_command("CLUSTER FAILOVER")
+            async with asyncio.timeout(30):
+                while (await replica.info("replication"))["role"] != "master":
+                    await asyncio.sleep(0.05)  # the replica's role: no event to wait on
+            after = [client.infer("stub_v1", row, timeout_s=60) for row in inputs[200:]]
+            replies = await sent + await asyncio.gather(*after)
+        expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+        assert [r["result"]["label"] for r in replies] == expected
+        stats = await worker.streams.queue_stats()
+        assert [(s.lag, s.pending) for s in stats] == [(0, 0)] * 3
+    finally:
+        await worker.stop()
+        await admin.aclose()
+        await replica.aclose()
