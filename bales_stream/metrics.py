@@ -125,11 +125,31 @@ class Metrics:
             "Entries taken over from idle consumers (XAUTOCLAIM).",
             registry=self.registry,
         )
+        self._per_priority: dict[int, tuple[Histogram, Histogram, Histogram]] = {}
         self.redis_errors = Counter(
             "bales_redis_errors",
             "Redis commands that failed (connection lost, timeouts, server errors).",
             registry=self.registry,
         )
+
+    def observe_request(
+        self, priority: int, *, latency_s: float, queued_s: float, inference_s: float
+    ) -> None:
+        """Record one computed request's latency, queue wait and inference time (the
+        per-priority children are looked up once: ``labels()`` costs more than ``observe``)."""
+        children = self._per_priority.get(priority)
+        if children is None:
+            label = str(priority)
+            children = (
+                self.latency.labels(label),
+                self.queue_wait.labels(label),
+                self.inference.labels(label),
+            )
+            self._per_priority[priority] = children
+        latency, queue_wait, inference = children
+        latency.observe(latency_s)
+        queue_wait.observe(queued_s)
+        inference.observe(inference_s)
 
     def count(self, model_label: str, status: str, n: int = 1) -> None:
         """Count ``n`` answered requests (``model_label`` must be a served model or a fixed

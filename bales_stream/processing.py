@@ -117,12 +117,12 @@ class BatchProcessor:
         self.metrics.batch_size.observe(len(requests))
         for request, result in zip(requests, results, strict=True):
             latency_ms = done_ms - request.enqueued_ms
-            priority = str(request.priority)
-            self.metrics.latency.labels(priority).observe(latency_ms / 1000)
-            self.metrics.queue_wait.labels(priority).observe(
-                (started_ms - request.enqueued_ms) / 1000
+            self.metrics.observe_request(
+                request.priority,
+                latency_s=latency_ms / 1000,
+                queued_s=(started_ms - request.enqueued_ms) / 1000,
+                inference_s=inference_s,
             )
-            self.metrics.inference.labels(priority).observe(inference_s)
             outcome.completions.append(
                 ok_completion(
                     request,

@@ -86,3 +86,23 @@ async def test_a_producer_traceparent_reaches_the_consumers_batch_log(
     batches = [r for r in caplog.records if getattr(r, "batch_id", None) is not None]
     carrying = [r for r in batches if "tp-1" in r.request_ids]
     assert carrying and carrying[0].traceparents == [VALID]
+
+
+async def test_latency_queue_wait_and_inference_are_recorded_per_priority(
+    service, redis_url, prefix
+) -> None:
+    from bales_producer import AsyncClient
+
+    async with AsyncClient(redis_url, prefix=prefix) as client:
+        for priority in (0, 2, 2):
+            await client.infer("stub_v1", [0.25] * 128, priority=priority)
+    registry = service.worker.metrics.registry
+    for name in ("request_latency", "queue_wait", "inference"):
+        counts = [
+            registry.get_sample_value(f"bales_{name}_seconds_count", {"priority": p})
+            for p in ("0", "1", "2")
+        ]
+        assert counts == [1.0, None, 2.0], name
+    wait_s = registry.get_sample_value("bales_queue_wait_seconds_sum", {"priority": "2"})
+    total_s = registry.get_sample_value("bales_request_latency_seconds_sum", {"priority": "2"})
+    assert 0 <= wait_s <= total_s
