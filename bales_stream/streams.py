@@ -301,10 +301,14 @@ class StreamStore:
             for done in completions:
                 reply_key = self.keys.reply(done.request_id)
                 pipe.eval(_REPLY_ONCE_LUA, 1, reply_key, done.document, self.reply_ttl_s)
-            written = await pipe.execute()
+            await pipe.execute()
         async with self.redis.pipeline() as pipe:
-            for done, new in zip(completions, written, strict=True):
-                if new and done.reply_to:
+            # Every inbox is notified, even when its reply key was already written: after a
+            # fault this call is retried whole, and the first attempt may have written the
+            # reply but not reached the inbox. A client may so see a reply twice; it keeps
+            # the first (the reply key holds exactly one).
+            for done in completions:
+                if done.reply_to:
                     pipe.rpush(done.reply_to, done.document)
                     pipe.expire(done.reply_to, self.reply_ttl_s)
             streams = [self.keys.stream(done.priority) for done in completions]
@@ -353,10 +357,8 @@ class StreamStore:
         script on the queue's hash slot."""
         if reply is not None:
             reply_key = self.keys.reply(reply.request_id)
-            new = await self.redis.eval(
-                _REPLY_ONCE_LUA, 1, reply_key, reply.document, self.reply_ttl_s
-            )
-            if new and reply.reply_to:
+            await self.redis.eval(_REPLY_ONCE_LUA, 1, reply_key, reply.document, self.reply_ttl_s)
+            if reply.reply_to:  # even if written before: see _complete_on_cluster
                 await self.redis.rpush(reply.reply_to, reply.document)
                 await self.redis.expire(reply.reply_to, self.reply_ttl_s)
         pairs = [item for field in record.items() for item in field]

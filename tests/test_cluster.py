@@ -93,7 +93,8 @@ async def test_completion_on_a_cluster_writes_each_reply_once_then_acks(rc, keys
     assert await rc.llen(inbox) == 20
     assert [s.pending for s in await store.queue_stats()] == [0, 0, 0]
     assert await store.complete(done) == 20  # already acked: refused, counted, not rewritten
-    assert await rc.llen(inbox) == 20
+    for item in done:
+        assert await rc.lrange(keys.reply(item.request_id), 0, -1) == [item.document]
 
 
 async def test_a_stale_owner_on_a_cluster_cannot_ack_and_its_reply_is_written_once(
