@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from bales_producer import AsyncClient, BalesError
 
-from bales_stream.embedded_redis import RedisServer, free_port
+from bales_stream.embedded_redis import LocalCluster, RedisServer, free_port
 
 from .faults import wait_ready
 
@@ -183,11 +183,12 @@ class System:
     redis_url: str
     prefix: str
     consumers: Consumers
-    server_pid: int | None
+    server_pids: list[int]
+    cluster: bool = False
 
     def cpu(self, producer_s: float) -> CpuSample:
-        """CPU seconds so far of (producer_s, the consumers, redis-server)."""
-        server_s = cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        """CPU seconds so far of (producer_s, the consumers, the redis-server(s))."""
+        server_s = sum(cpu_seconds(pid) for pid in self.server_pids)
         return (producer_s, self.consumers.cpu_s(), server_s)
 
 
@@ -195,7 +196,9 @@ async def run_here(
     args: argparse.Namespace, system: System, results: Results
 ) -> tuple[CpuSample, CpuSample, float]:
     """Drive the load from this process."""
-    async with AsyncClient(system.redis_url, prefix=system.prefix) as client:
+    async with AsyncClient(
+        system.redis_url, prefix=system.prefix, cluster=system.cluster
+    ) as client:
         await client.infer("stub_v1", make_inputs(1, args.payload)[0])  # warm-up
         cpu_before = system.cpu(time.process_time())
         started_s = time.perf_counter()
@@ -260,13 +263,15 @@ def _shared_options(args: argparse.Namespace) -> list[tuple[str, object]]:
         ("payload", args.payload),
         ("mix", mix),
         ("timeout_s", args.timeout_s),
+        ("cluster", args.cluster),
     ]
 
 
 async def producer_role(args: argparse.Namespace) -> None:
     """One of several producer processes: load the given share, write the raw results."""
     results = Results()
-    async with AsyncClient(args.redis_url, prefix=args.prefix) as client:
+    client = AsyncClient(args.redis_url, prefix=args.prefix, cluster=args.cluster > 0)
+    async with client:
         await client.infer("stub_v1", make_inputs(1, args.payload)[0])  # warm-up
         if args.mode == "saturate":
             await asyncio.sleep(max(0.0, args.start_at - time.time()))
@@ -287,21 +292,23 @@ async def producer_role(args: argparse.Namespace) -> None:
 
 
 async def run(args: argparse.Namespace) -> dict:
-    server = None if args.redis_url else RedisServer().start()
-    redis_url = args.redis_url or server.url  # type: ignore[union-attr]
+    servers = start_redis(args)
+    redis_url = args.redis_url or servers[0].url
     prefix = args.prefix or f"bench{uuid.uuid4().hex[:8]}"
     env = {"MAX_BATCH_SIZE": str(args.max_batch), "BATCH_WINDOW_MS": str(args.window_ms)}
+    if args.cluster:
+        env["REDIS_CLUSTER"] = "true"
     consumers = Consumers(args.consumers, redis_url, prefix, env)
     await consumers.start()
     results = Results()
-    server_pid = server.process.pid if server and server.process else None
-    system = System(redis_url, prefix, consumers, server_pid)
+    server_pids = [s.process.pid for s in servers if s.process]
+    system = System(redis_url, prefix, consumers, server_pids, cluster=args.cluster > 0)
     try:
         drive = run_producers if args.producers > 1 else run_here
         cpu_before, cpu_after, elapsed_s = await drive(args, system, results)
     finally:
         await consumers.stop()
-        if server:
+        for server in servers:
             server.stop()
     done = max(results.count, 1)
     cpu_us = [
@@ -326,7 +333,7 @@ async def run(args: argparse.Namespace) -> dict:
         "cpu_us_per_request": {
             "producer": cpu_us[0],
             "consumers": cpu_us[1],
-            "redis": cpu_us[2] if server else None,
+            "redis": cpu_us[2] if servers else None,
         },
     }
 
@@ -391,6 +398,16 @@ def print_report(result: dict) -> None:
     print("  CPU us/request: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v is not None))
 
 
+def start_redis(args: argparse.Namespace) -> list[RedisServer]:
+    """The redis-server(s) to run against, unless ``--redis-url`` names one: a single node,
+    or with ``--cluster N`` a Redis Cluster of N primaries."""
+    if args.redis_url:
+        return []
+    if args.cluster:
+        return LocalCluster(primaries=args.cluster).start().nodes
+    return [RedisServer().start()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The options of one load run (also used by ``benchmarks.scaling``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -421,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-ms", type=float, default=5.0)
     parser.add_argument("--timeout-s", type=float, default=30)
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start a Redis Cluster of N primaries instead of one redis-server (REDIS_CLUSTER)",
+    )
     parser.add_argument(
         "--prefix",
         help="key prefix (default: a fresh one); with --consumers 0,"
