@@ -26,7 +26,6 @@ import urllib.request
 from typing import Any
 
 import redis
-from redis.cluster import RedisCluster
 
 from .logs import configure_logging
 from .settings import Settings, SettingsError, load_settings
@@ -79,15 +78,12 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_info(settings: Settings, args: argparse.Namespace) -> int:
     """Print per-priority depth and the group's consumers (``--watch``: over and over)."""
-    url = settings.redis_url.get_secret_value()
-    redis_class = RedisCluster if settings.redis_cluster else redis.Redis
-    r = redis_class.from_url(url, decode_responses=True)
     if args.watch is None:
-        print(queue_report(r, settings))
+        print(asyncio.run(queue_report(settings)))
         return 0
     try:
         while True:
-            report = queue_report(r, settings)
+            report = asyncio.run(queue_report(settings))
             stamp = time.strftime("%H:%M:%S")
             print(f"\x1b[2J\x1b[H{stamp}  every {args.watch:g} s, Ctrl-C to stop\n\n{report}")
             time.sleep(args.watch)
@@ -95,55 +91,57 @@ def cmd_info(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
 
-def queue_report(r: Any, settings: Settings) -> str:
-    """Per priority: length, lag, pending and the age of the oldest waiting request; then
-    the group's consumers with their pending count and idle time."""
+async def queue_report(settings: Settings) -> str:
+    """Per priority: length, lag, pending and the age of the oldest waiting request (the
+    figures the sidecar's /health and /metrics show); then the group's consumers with their
+    pending count and idle time."""
+    from .service import connect
+    from .streams import StreamStore
+
     keys = settings.keys
-    now_ms = _redis_ms(r)
+    redis_client = connect(settings.redis_url.get_secret_value(), cluster=settings.redis_cluster)
+    try:
+        store = StreamStore(
+            redis_client,
+            keys,
+            settings.consumer_group,
+            "bales-stream-info",
+            1,
+            settings.redis_cluster,
+        )
+        stats = await store.queue_stats()
+        consumers = await _group_consumers(redis_client, settings)
+    finally:
+        await redis_client.aclose()
     lines = [f"{'priority':<9}{'stream':<28}{'length':>8}{'lag':>8}{'pending':>9}{'oldest':>10}"]
-    consumers: dict[str, dict[str, Any]] = {}
-    for priority, stream in enumerate(keys.streams):
-        length = r.xlen(stream)
-        group = next((g for g in _groups(r, stream) if g["name"] == settings.consumer_group), None)
-        lag = "-" if group is None or group.get("lag") is None else group["lag"]
-        pending = 0 if group is None else group["pending"]
-        oldest = _oldest_waiting_ms(r, stream, settings.consumer_group, group)
-        age = "-" if oldest is None else f"{max(0, now_ms - oldest) / 1000:.1f}s"
-        lines.append(f"p{priority:<8}{stream:<28}{length:>8}{lag!s:>8}{pending:>9}{age:>10}")
-        if group is not None:
-            for consumer in r.xinfo_consumers(stream, settings.consumer_group):
-                entry = consumers.setdefault(consumer["name"], {"pending": 0, "idle": None})
-                entry["pending"] += consumer["pending"]
-                idle = consumer["idle"]
-                entry["idle"] = idle if entry["idle"] is None else min(entry["idle"], idle)
+    for stat, stream in zip(stats, keys.streams, strict=True):
+        lag = "-" if stat.lag is None else stat.lag
+        age = "-" if stat.oldest_age_s is None else f"{stat.oldest_age_s:.1f}s"
+        lines.append(
+            f"p{stat.priority:<8}{stream:<28}{stat.length:>8}{lag!s:>8}{stat.pending:>9}{age:>10}"
+        )
     lines.append(f"\nconsumers in group {settings.consumer_group!r}: {len(consumers)}")
     for name, entry in sorted(consumers.items()):
         lines.append(f"  {name:<40} pending {entry['pending']:>6}  idle {entry['idle']} ms")
     return "\n".join(lines)
 
 
-def _redis_ms(r: Any) -> int:
-    seconds, micros = r.time()  # type: ignore[misc]
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
-def _oldest_waiting_ms(
-    r: Any, stream: str, group_name: str, group: dict[str, Any] | None
-) -> int | None:
-    """Enqueue time (entry ID ms) of the oldest request not yet answered: the oldest pending
-    entry, else the first one not yet delivered to the group."""
-    if group is None:
-        first = r.xrange(stream, count=1)
-        return _id_ms(first[0][0]) if first else None
-    if group["pending"]:
-        summary = r.xpending(stream, group_name)
-        return _id_ms(summary["min"])
-    undelivered = r.xrange(stream, min=f"({group['last-delivered-id']}", count=1)
-    return _id_ms(undelivered[0][0]) if undelivered else None
-
-
-def _id_ms(entry_id: Any) -> int:
-    return int(str(entry_id).split("-", 1)[0])
+async def _group_consumers(redis_client: Any, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Consumer name -> pending entries (all streams) and idle time (the least)."""
+    consumers: dict[str, dict[str, Any]] = {}
+    for stream in settings.keys.streams:
+        try:
+            found = await redis_client.xinfo_consumers(stream, settings.consumer_group)
+        except redis.ResponseError:
+            continue  # no stream or no group yet
+        for consumer in found:
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else name
+            entry = consumers.setdefault(name, {"pending": 0, "idle": None})
+            entry["pending"] += consumer["pending"]
+            idle = consumer["idle"]
+            entry["idle"] = idle if entry["idle"] is None else min(entry["idle"], idle)
+    return consumers
 
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
@@ -183,13 +181,6 @@ def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
     except (urllib.error.URLError, OSError) as exc:
         print(f"cannot reach the sidecar at {base}: {exc}", file=sys.stderr)
     return 1
-
-
-def _groups(r: Any, stream: str) -> list[dict[str, Any]]:
-    try:
-        return r.xinfo_groups(stream)  # type: ignore[return-value]
-    except redis.ResponseError:
-        return []  # the stream does not exist yet
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from bales_producer import wire
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .protocol import entry_time_ms
 from .replies import Completion
 
 DEAD_LETTER_MAXLEN = 100_000
@@ -484,7 +485,7 @@ class StreamStore:
                 first = answer[0][0]
             else:
                 first = None
-            oldest.append(None if first is None else int(_text(first).split("-", 1)[0]))
+            oldest.append(None if first is None else entry_time_ms(_text(first)))
         return oldest, seconds * 1000 + micros / 1000
 
     def _find_group(self, groups: object) -> dict[str, Any] | None:

@@ -342,8 +342,12 @@ class Worker:
             outcome = await self.processor.process(batch)
             self._release(outcome.failed)  # unleased: reclaimed after CLAIM_IDLE_MS
             await self._complete(outcome.completions)
-            self._release(batch)
+        except Exception:  # not the model's fault (that is isolated): leave it to a retry
+            log.exception(
+                "batch %d failed; its entries are reclaimed after CLAIM_IDLE_MS", batch_id
+            )
         finally:
+            self._release(batch)  # answered, or unleased so that it is retried
             self._model_in_flight[batch[0].model_id] -= 1
             self._slots.release()
             self.batcher.wake()

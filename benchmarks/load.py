@@ -31,16 +31,9 @@ from bales_producer import AsyncClient, BalesError
 
 from bales_stream.embedded_redis import LocalCluster, RedisServer, free_port
 
-from .faults import wait_ready
+from .faults import cpu_seconds, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
-CLOCK_TICKS_S = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_S
 
 
 @dataclass

@@ -184,3 +184,24 @@ async def test_entries_this_worker_holds_are_never_given_up_when_the_lease_is_la
         assert len(svc.worker.held()) == 5
     for i in range(5):  # the stop drained the batcher: all answered, none dead-lettered
         assert (await reply_of(aredis, keys, f"held-{i}"))["status"] == "ok"
+
+
+async def test_a_batch_that_fails_outside_the_model_is_retried_not_stuck(
+    service_factory, aredis, keys
+) -> None:
+    async with service_factory(claim_idle_ms=300) as svc:
+        executor = svc.worker.processor.executor
+        real_run = executor.run
+        failures = []
+
+        async def fail_once(fn, *args):
+            if not failures:
+                failures.append(fn)
+                raise RuntimeError("thread pool refused the batch")  # the injected fault
+            return await real_run(fn, *args)
+
+        executor.run = fail_once
+        await xadd(aredis, keys, request_id="unlucky", timeout_ms="30000")
+        assert (await reply_of(aredis, keys, "unlucky"))["status"] == "ok"
+        assert failures and svc.worker.metrics.reclaimed._value.get() == 1
+    assert await pending_count(aredis, keys) == 0
