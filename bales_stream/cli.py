@@ -6,7 +6,7 @@ Examples::
     bales-stream serve --demo          # ... and send a few demo requests once ready
     bales-stream send --random 128     # one request with 128 random floats; prints the reply
     bales-stream send --input '[0.1, 0.2, ...]' --priority 0
-    bales-stream info                  # per priority: length, lag, pending, oldest age; consumers
+    bales-stream info                  # per shard and priority: length, lag, pending, oldest age
     bales-stream info --watch 2        # ... refreshed every 2 s (Ctrl-C to stop)
     bales-stream check                 # exit 0 if this host's consumer is ready, else 1
     bales-stream reload stub_v1 stub_v2.pt   # hot-reload a model fleet-wide (uses SIDECAR_TOKEN)
@@ -40,7 +40,8 @@ def _client(settings: Settings) -> Any:
         prefix=keys.prefix,
         queue=keys.queue,
         priority_levels=keys.priority_levels,
-        cluster=settings.redis_cluster,
+        cluster=settings.cluster_mode,
+        shards=keys.shards,
     )
 
 
@@ -92,33 +93,41 @@ def cmd_info(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def queue_report(settings: Settings) -> str:
-    """Per priority: length, lag, pending and the age of the oldest waiting request (the
-    figures the sidecar's /health and /metrics show); then the group's consumers with their
-    pending count and idle time."""
+    """Per shard and priority: length, lag, pending and the age of the oldest waiting
+    request (the figures the sidecar's /health and /metrics show); then the group's
+    consumers with their pending count (all shards) and idle time."""
     from .service import connect
-    from .streams import StreamStore
+    from .shards import ShardedStreams
 
     keys = settings.keys
-    redis_client = connect(settings.redis_url.get_secret_value(), cluster=settings.redis_cluster)
+    redis_client = connect(settings.redis_url.get_secret_value(), cluster=settings.cluster_mode)
     try:
-        store = StreamStore(
+        every_shard = tuple(range(keys.shards))
+        streams = ShardedStreams(
             redis_client,
             keys,
+            every_shard,
             settings.consumer_group,
             "bales-stream-info",
             1,
-            settings.redis_cluster,
+            settings.cluster_mode,
         )
-        stats = await store.queue_stats()
+        stats = await streams.queue_stats()
         consumers = await _group_consumers(redis_client, settings)
     finally:
         await redis_client.aclose()
-    lines = [f"{'priority':<9}{'stream':<28}{'length':>8}{'lag':>8}{'pending':>9}{'oldest':>10}"]
-    for stat, stream in zip(stats, keys.streams, strict=True):
+    width = max(28, len(keys.for_shard(keys.shards - 1).stream(keys.priority_levels - 1)) + 2)
+    lines = [
+        f"{'shard':<6}{'priority':<9}{'stream':<{width}}"
+        f"{'length':>8}{'lag':>8}{'pending':>9}{'oldest':>10}"
+    ]
+    for stat in stats:
+        stream = keys.for_shard(stat.shard).stream(stat.priority)
         lag = "-" if stat.lag is None else stat.lag
         age = "-" if stat.oldest_age_s is None else f"{stat.oldest_age_s:.1f}s"
         lines.append(
-            f"p{stat.priority:<8}{stream:<28}{stat.length:>8}{lag!s:>8}{stat.pending:>9}{age:>10}"
+            f"{stat.shard:<6}p{stat.priority:<8}{stream:<{width}}"
+            f"{stat.length:>8}{lag!s:>8}{stat.pending:>9}{age:>10}"
         )
     lines.append(f"\nconsumers in group {settings.consumer_group!r}: {len(consumers)}")
     for name, entry in sorted(consumers.items()):
@@ -129,7 +138,9 @@ async def queue_report(settings: Settings) -> str:
 async def _group_consumers(redis_client: Any, settings: Settings) -> dict[str, dict[str, Any]]:
     """Consumer name -> pending entries (all streams) and idle time (the least)."""
     consumers: dict[str, dict[str, Any]] = {}
-    for stream in settings.keys.streams:
+    keys = settings.keys
+    streams = [s for shard in range(keys.shards) for s in keys.for_shard(shard).streams]
+    for stream in streams:
         try:
             found = await redis_client.xinfo_consumers(stream, settings.consumer_group)
         except redis.ResponseError:

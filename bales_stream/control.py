@@ -35,7 +35,7 @@ class FleetControl:
     ) -> None:
         self.redis = redis
         self.keys = settings.keys
-        self.cluster = settings.redis_cluster
+        self.cluster = settings.cluster_mode
         self.registry = registry
         self.metrics = metrics
         self._task: asyncio.Task[None] | None = None

@@ -157,13 +157,17 @@ class Metrics:
         self.requests.labels(model_label, status).inc(n)
 
     def observe_queues(self, stats: list[QueueStats]) -> None:
-        """Update the per-priority depth gauges."""
+        """Update the per-priority depth gauges: sums over the shards this consumer serves
+        (the oldest age is the largest); /health has the per-shard figures."""
+        by_priority: dict[int, list[QueueStats]] = {}
         for stat in stats:
-            label = str(stat.priority)
-            self.queue_depth.labels(label).set(stat.lag or 0)
-            self.pending.labels(label).set(stat.pending)
-            self.queue_length.labels(label).set(stat.length)
-            self.oldest_age.labels(label).set(stat.oldest_age_s or 0.0)
+            by_priority.setdefault(stat.priority, []).append(stat)
+        for priority, shards in by_priority.items():
+            label = str(priority)
+            self.queue_depth.labels(label).set(sum(s.lag or 0 for s in shards))
+            self.pending.labels(label).set(sum(s.pending for s in shards))
+            self.queue_length.labels(label).set(sum(s.length for s in shards))
+            self.oldest_age.labels(label).set(max(s.oldest_age_s or 0.0 for s in shards))
         self.group_consumers.set(max((s.consumers for s in stats), default=0))
 
     def observe_models(self, versions: dict[str, str]) -> None:

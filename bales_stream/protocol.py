@@ -59,8 +59,9 @@ class Request:
     deadline_ms: int
     reply_to: str | None
     retried: bool = False
-    traceparent: str | None = None
     """Delivered before (taken over after its consumer died or its model raised)."""
+    traceparent: str | None = None
+    shard: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Envelope:
     request_id: str
     model_id: str
     reply_to: str | None
+    shard: int = 0
 
 
 def entry_time_ms(entry_id: str) -> int:
@@ -90,7 +92,11 @@ def _text(fields: dict[bytes, bytes], name: str) -> str | None:
 
 
 def read_envelope(
-    entry_id: str, fields: dict[bytes, bytes] | None, priority: int, keys: wire.KeySpace
+    entry_id: str,
+    fields: dict[bytes, bytes] | None,
+    priority: int,
+    keys: wire.KeySpace,
+    shard: int = 0,
 ) -> Envelope:
     """Find where to answer an entry, or raise ``Unanswerable`` (dead-letter it)."""
     if not fields:
@@ -107,7 +113,7 @@ def read_envelope(
     reply_to = fields.get(wire.FIELD_REPLY_TO.encode(), b"").decode("utf-8", "replace") or None
     if reply_to is not None and not keys.is_valid_inbox(reply_to):
         reply_to = None  # never write outside our key space; the reply key still gets it
-    return Envelope(priority, entry_id, request_id, model_id[:200], reply_to)
+    return Envelope(priority, entry_id, request_id, model_id[:200], reply_to, shard)
 
 
 def decode_request(
@@ -130,6 +136,7 @@ def decode_request(
         deadline_ms,
         envelope.reply_to,
         traceparent=_traceparent(fields),
+        shard=envelope.shard,
     )
 
 

@@ -23,7 +23,8 @@ from redis.exceptions import RedisError
 
 from .metrics import Metrics
 from .settings import Settings
-from .streams import StreamEntry, StreamStore, bounded
+from .shards import Held, ShardedStreams
+from .streams import StreamEntry, bounded
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,10 @@ class Recovery:
 
     def __init__(
         self,
-        streams: StreamStore,
+        streams: ShardedStreams,
         settings: Settings,
         metrics: Metrics,
-        held: Callable[[], list[tuple[int, str]]],
+        held: Callable[[], list[Held]],
         admit: Callable[[list[StreamEntry]], Awaitable[None]],
         give_up: Callable[[StreamEntry, int], Awaitable[None]],
     ) -> None:
@@ -51,7 +52,11 @@ class Recovery:
         self._give_up = give_up
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._cursors = dict.fromkeys(range(settings.priority_levels), "0-0")
+        self._cursors = {
+            (shard, priority): "0-0"
+            for shard in streams.stores
+            for priority in range(settings.priority_levels)
+        }
 
     def start(self) -> None:
         """Start the three loops."""
@@ -80,19 +85,20 @@ class Recovery:
             log.warning("%d held entries were claimed by another consumer", lost)
 
     async def reclaim(self) -> None:
-        """Take over entries idle longer than CLAIM_IDLE_MS, one pass over every stream."""
-        for priority in range(self.settings.priority_levels):
-            claimed = await self.streams.reclaim(
-                priority, self._cursors[priority], self.settings.claim_idle_ms, CLAIM_BATCH
+        """Take over entries idle longer than CLAIM_IDLE_MS, one pass over every stream of
+        every served shard."""
+        for (shard, priority), cursor in list(self._cursors.items()):
+            claimed = await self.streams.store(shard).reclaim(
+                priority, cursor, self.settings.claim_idle_ms, CLAIM_BATCH
             )
-            self._cursors[priority] = claimed.cursor
+            self._cursors[(shard, priority)] = claimed.cursor
             held = set(self._held())
             # Our own held entries whose lease ran late come back too: they are alive here,
             # so they are neither retried nor given up on.
-            orphans = [e for e in claimed.entries if (e.priority, e.entry_id) not in held]
+            orphans = [e for e in claimed.entries if (e.shard, e.priority, e.entry_id) not in held]
             if not orphans:
                 continue
-            log.info("reclaimed %d idle entries of p%d", len(orphans), priority)
+            log.info("reclaimed %d idle entries of shard %d p%d", len(orphans), shard, priority)
             self.metrics.reclaimed.inc(len(orphans))
             retry = []
             for entry in orphans:

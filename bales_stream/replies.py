@@ -20,6 +20,7 @@ class Completion:
     request_id: str
     document: bytes
     reply_to: str | None
+    shard: int = 0
 
 
 def _dump(document: dict[str, Any]) -> bytes:
@@ -48,7 +49,12 @@ def ok_completion(
         "priority": request.priority,
     }
     return Completion(
-        request.priority, request.entry_id, request.request_id, _dump(document), request.reply_to
+        request.priority,
+        request.entry_id,
+        request.request_id,
+        _dump(document),
+        request.reply_to,
+        request.shard,
     )
 
 
@@ -62,7 +68,12 @@ def error_completion(target: Envelope | Request, code: str, message: str) -> Com
         "priority": target.priority,
     }
     return Completion(
-        target.priority, target.entry_id, target.request_id, _dump(document), target.reply_to
+        target.priority,
+        target.entry_id,
+        target.request_id,
+        _dump(document),
+        target.reply_to,
+        target.shard,
     )
 
 

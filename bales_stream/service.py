@@ -14,6 +14,7 @@ import signal
 from typing import Any
 
 import redis.asyncio as aioredis
+from bales_producer.core import is_cluster_url, plain_url
 from redis.asyncio.cluster import RedisCluster
 
 from .embedded_redis import RedisServer, is_listening
@@ -53,15 +54,15 @@ def connect(url: str, *, cluster: bool = False) -> Any:
     through the node ``url`` names. No socket timeout (see ``streams.bounded``); TCP
     keepalive notices a peer that vanished."""
     options: dict[str, Any] = {"socket_timeout": None, "socket_keepalive": True}
-    if cluster:
-        return RedisCluster.from_url(url, **options)
+    if cluster or is_cluster_url(url):
+        return RedisCluster.from_url(plain_url(url), **options)
     return aioredis.Redis.from_url(url, **options)
 
 
 async def run_service(settings: Settings, *, demo: bool = False) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully."""
     url, embedded = await resolve_redis_url(settings)
-    redis = connect(url, cluster=settings.redis_cluster)
+    redis = connect(url, cluster=settings.cluster_mode)
     worker = Worker(settings, redis, Metrics())
     sidecar = Sidecar(worker, settings.host, settings.port)
     stop = asyncio.Event()
@@ -113,7 +114,12 @@ async def run_demo(url: str, settings: Settings) -> None:
 
     keys = settings.keys
     async with AsyncClient(
-        url, prefix=keys.prefix, queue=keys.queue, priority_levels=keys.priority_levels
+        url,
+        prefix=keys.prefix,
+        queue=keys.queue,
+        priority_levels=keys.priority_levels,
+        cluster=settings.cluster_mode,
+        shards=keys.shards,
     ) as client:
         for priority in range(min(DEMO_REQUESTS, keys.priority_levels)):
             values = [random.uniform(-1, 1) for _ in range(128)]

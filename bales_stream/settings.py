@@ -14,7 +14,8 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from bales_producer import wire
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from bales_producer.core import is_cluster_url
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -51,6 +52,8 @@ class Settings(BaseSettings):
     key_prefix: str = Field(wire.DEFAULT_PREFIX, pattern=r"^[A-Za-z0-9._-]+$")
     queue_name: str = Field(wire.DEFAULT_QUEUE, pattern=r"^[A-Za-z0-9._-]+$")
     priority_levels: int = Field(wire.DEFAULT_PRIORITY_LEVELS, ge=1, le=16)
+    shards: int = Field(1, ge=1, le=1024)
+    serve_shards: str = Field("", pattern=r"^[0-9,\s-]*$")
     consumer_group: str = Field("bales", min_length=1)
     consumer_name: str = Field(default_factory=default_consumer_name, min_length=1)
     reply_ttl_s: int = Field(60, ge=1)
@@ -68,8 +71,23 @@ class Settings(BaseSettings):
 
     @property
     def keys(self) -> wire.KeySpace:
-        """The Redis key names for this prefix, queue and number of priority levels."""
-        return wire.KeySpace(self.key_prefix, self.queue_name, self.priority_levels)
+        """The Redis key names for this prefix, queue, priority levels and shard count."""
+        return wire.KeySpace(self.key_prefix, self.queue_name, self.priority_levels, self.shards)
+
+    @property
+    def served_shards(self) -> tuple[int, ...]:
+        """The shards this consumer reads: ``SERVE_SHARDS`` (e.g. ``0,2,4-7``), else all."""
+        return parse_shards(self.serve_shards, self.shards)
+
+    @property
+    def cluster_mode(self) -> bool:
+        """Talk to a Redis Cluster: ``REDIS_CLUSTER=true`` or a ``redis+cluster://`` URL."""
+        return self.redis_cluster or is_cluster_url(self.redis_url.get_secret_value())
+
+    @model_validator(mode="after")
+    def _check_served_shards(self) -> Settings:
+        parse_shards(self.serve_shards, self.shards)  # raises ValueError naming the problem
+        return self
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
@@ -92,6 +110,24 @@ class Settings(BaseSettings):
         view["redis_url"] = self.redis_url_masked
         view["sidecar_token"] = "****" if self.sidecar_token else None
         return view
+
+
+def parse_shards(spec: str, shards: int) -> tuple[int, ...]:
+    """``"0,2,4-7"`` as sorted shard numbers, each below ``shards``; empty means all."""
+    if not spec.strip():
+        return tuple(range(shards))
+    chosen: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        first, dash, last = part.partition("-")
+        if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
+            raise ValueError(f"SERVE_SHARDS item {part!r}: expected a shard number or a range a-b")
+        low, high = int(first), int(last) if dash else int(first)
+        if not low <= high < shards:
+            raise ValueError(
+                f"SERVE_SHARDS item {part!r}: shards are numbered 0..{shards - 1} (SHARDS={shards})"
+            )
+        chosen.update(range(low, high + 1))
+    return tuple(sorted(chosen))
 
 
 def mask_url(url: str) -> str:

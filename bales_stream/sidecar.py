@@ -44,8 +44,9 @@ async def _queue_stats(worker: Worker) -> list[dict[str, Any]] | None:
     worker.metrics.observe_queues(stats)
     return [
         {
+            "shard": s.shard,
             "priority": s.priority,
-            "stream": worker.settings.keys.stream(s.priority),
+            "stream": worker.settings.keys.for_shard(s.shard).stream(s.priority),
             "length": s.length,
             "lag": s.lag,
             "pending": s.pending,

@@ -153,6 +153,7 @@ class StreamEntry:
     priority: int
     entry_id: str
     fields: dict[bytes, bytes] | None
+    shard: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class QueueStats:
     """Consumers the group knows on this stream."""
     oldest_age_s: float | None = None
     """How long the oldest unanswered request has waited (None: nothing waits)."""
+    shard: int = 0
 
 
 @contextlib.asynccontextmanager
@@ -211,7 +213,8 @@ def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
 
 
 class StreamStore:
-    """The request streams of one key space, seen by one consumer of one group."""
+    """The request streams of one shard of a key space, seen by one consumer of one group
+    (``keys.shard`` says which shard; see ``shards.ShardedStreams`` for all of them)."""
 
     def __init__(
         self,
@@ -225,6 +228,7 @@ class StreamStore:
         self.redis = redis
         self.cluster = cluster
         self.keys = keys
+        self.shard = keys.shard
         self.group = group
         self.consumer = consumer
         self.reply_ttl_s = reply_ttl_s
@@ -263,7 +267,7 @@ class StreamStore:
             keys=self.keys.streams, args=[self.group, self.consumer, count, share]
         )
         return [
-            StreamEntry(priority, entry_id.decode(), _pairs(flat))
+            StreamEntry(priority, entry_id.decode(), _pairs(flat), self.shard)
             for priority, items in response
             for entry_id, flat in items
         ]
@@ -282,7 +286,7 @@ class StreamStore:
         for stream, items in response or []:
             priority = self._priority_of[stream]
             for entry_id, fields in items:
-                entries.append(StreamEntry(priority, entry_id.decode(), fields or None))
+                entries.append(StreamEntry(priority, entry_id.decode(), fields or None, self.shard))
         return entries
 
     async def complete(self, completions: list[Completion]) -> int:
@@ -393,7 +397,7 @@ class StreamStore:
         next_cursor, items, *_ = await self.redis.xautoclaim(
             stream, self.group, self.consumer, min_idle_ms, cursor, count=count
         )
-        entries = [StreamEntry(priority, i.decode(), f or None) for i, f in items if i]
+        entries = [StreamEntry(priority, i.decode(), f or None, self.shard) for i, f in items if i]
         deliveries: dict[str, int] = {}
         if entries:  # exactly these entries' counts (a range query would drag in the rest)
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -459,6 +463,7 @@ class StreamStore:
                     int(group.get("pending", 0)) if group else 0,
                     int(group.get("consumers", 0)) if group else 0,
                     None if oldest is None else max(0.0, now_ms - oldest) / 1000,
+                    self.shard,
                 )
             )
         return stats

@@ -39,6 +39,7 @@ from .recovery import Recovery
 from .registry import ModelRegistry
 from .replies import Completion, error_completion, expired_completion
 from .settings import Settings
+from .shards import Held, ShardedStreams
 from .streams import StreamEntry, StreamStore, bounded
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,14 @@ class Worker:
         self.status = WorkerStatus()
         self.executor = InferenceExecutor(settings.thread_pool_size)
         self.registry = ModelRegistry(settings.weights_dir, self.executor.run)
-        self.streams = StreamStore(
+        self.streams = ShardedStreams(
             redis,
             settings.keys,
+            settings.served_shards,
             settings.consumer_group,
             settings.consumer_name,
             settings.reply_ttl_s,
-            cluster=settings.redis_cluster,
+            cluster=settings.cluster_mode,
         )
         self.batcher: Batcher[Request] = Batcher(
             settings.max_batch_size,
@@ -103,12 +105,13 @@ class Worker:
         self.read_share = max(1, self.read_count // LOWER_PRIORITY_SHARE_DIVISOR)
         self.buffer_limit = 2 * settings.max_batch_size
         self._read_deadline_s = settings.read_block_ms / 1000 + settings.redis_timeout_s
-        self._held: dict[tuple[int, str], None] = {}
+        self._held: dict[Held, None] = {}
         self._model_in_flight: Counter[str] = Counter()
         self._slots = asyncio.Semaphore(settings.thread_pool_size)
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._readers: list[asyncio.Task[None]] = []
+        self._batch_task: asyncio.Task[None] | None = None
         self._clock_offset_ms = 0.0
         self._batch_ids = itertools.count(1)
 
@@ -122,27 +125,27 @@ class Worker:
         await self._join_group()
         await self._start_control()
         self.recovery.start()
-        self._tasks = [
-            asyncio.create_task(self._read_loop(), name="bales-read"),
-            asyncio.create_task(self._batch_loop(), name="bales-batch"),
+        self._readers = [
+            asyncio.create_task(self._read_loop(store), name=f"bales-read-{shard}")
+            for shard, store in self.streams.stores.items()
         ]
+        self._batch_task = asyncio.create_task(self._batch_loop(), name="bales-batch")
 
     async def stop(self) -> None:
         """Stop reading, answer and ack everything already read (within SHUTDOWN_GRACE_S);
         what cannot be finished in time stays pending for another consumer."""
         self.status.stopping = True
         self._stopping.set()
-        reader, batch_loop = self._tasks or (None, None)
         try:
             async with asyncio.timeout(self.settings.shutdown_grace_s):
-                await self._drain(reader, batch_loop)
+                await self._drain()
         except TimeoutError:
             log.warning(
                 "shutdown grace of %s s ran out; %d unanswered entries stay pending",
                 self.settings.shutdown_grace_s,
                 len(self._held),
             )
-            for task in [reader, batch_loop, *self._in_flight]:
+            for task in [*self._readers, self._batch_task, *self._in_flight]:
                 await _cancel(task)
         await self.recovery.stop()
         await self.control.stop()
@@ -181,23 +184,25 @@ class Worker:
             log.warning("could not read the fleet's model versions yet (%s)", exc)
         await self.control.start()
 
-    async def _drain(self, reader: Any, batch_loop: Any) -> None:
-        if reader is not None:
+    async def _drain(self) -> None:
+        for reader in self._readers:
             await reader
-        await _cancel(batch_loop)
+        await _cancel(self._batch_task)
         for batch in self.batcher.take_all():
             await self._slots.acquire()
             self._dispatch(batch)
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
-    def held(self) -> list[tuple[int, str]]:
-        """(priority, entry id) of every entry read and not yet answered."""
+    def held(self) -> list[Held]:
+        """(shard, priority, entry id) of every entry read and not yet answered."""
         return list(self._held)
 
     # ---- the read side ---------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, store: StreamStore) -> None:
+        """Read one shard's streams until stopped (one loop per served shard: a blocking
+        read cannot span shards on a cluster)."""
         backoff_s = BACKOFF_START_S
         own_pending_answered = False
         while not self._stopping.is_set():
@@ -205,9 +210,9 @@ class Worker:
             try:
                 async with bounded(self._read_deadline_s):
                     if not own_pending_answered:
-                        await self._answer_own_pending()
+                        await self._answer_own_pending(store)
                         own_pending_answered = True
-                    entries = await self.streams.read(
+                    entries = await store.read(
                         self.read_count, self.read_share, self.settings.read_block_ms
                     )
                     await self._admit(entries)
@@ -218,10 +223,10 @@ class Worker:
             backoff_s = BACKOFF_START_S
             self.status.redis_ok = True
 
-    async def _answer_own_pending(self) -> None:
+    async def _answer_own_pending(self, store: StreamStore) -> None:
         """Entries delivered to this consumer name before a restart are answered first."""
         after: dict[int, str] = {}
-        while entries := await self.streams.read_own_pending(after, self.read_count):
+        while entries := await store.read_own_pending(after, self.read_count):
             log.info("answering %d entries left pending by an earlier run", len(entries))
             for entry in entries:
                 after[entry.priority] = entry.entry_id
@@ -235,7 +240,7 @@ class Worker:
         for entry in entries:
             try:
                 envelope = read_envelope(
-                    entry.entry_id, entry.fields, entry.priority, self.settings.keys
+                    entry.entry_id, entry.fields, entry.priority, self.settings.keys, entry.shard
                 )
             except Unanswerable as exc:
                 await self._dead_letter(entry, exc.reason)
@@ -253,7 +258,7 @@ class Worker:
                 rejections.append(expired_completion(request, now_ms))
                 continue
             request.retried = retried
-            self._held[(entry.priority, entry.entry_id)] = None
+            self._held[(entry.shard, entry.priority, entry.entry_id)] = None
             self.batcher.put(request)
         await self._complete(rejections)
 
@@ -275,7 +280,8 @@ class Worker:
         """Dead-letter an entry that failed on every delivery, and tell its client."""
         reason = (
             f"failed on {deliveries - 1} deliveries (MAX_DELIVERIES="
-            f"{self.settings.max_deliveries}); moved to {self.settings.keys.dead_letter}"
+            f"{self.settings.max_deliveries}); moved to "
+            f"{self.settings.keys.for_shard(entry.shard).dead_letter}"
         )
         log.warning(
             "giving up on entry %s of p%d: %s",
@@ -286,7 +292,7 @@ class Worker:
         )
         try:
             envelope = read_envelope(
-                entry.entry_id, entry.fields, entry.priority, self.settings.keys
+                entry.entry_id, entry.fields, entry.priority, self.settings.keys, entry.shard
             )
         except Unanswerable:
             await self.streams.dead_letter(entry, reason)
@@ -371,7 +377,7 @@ class Worker:
 
     def _release(self, requests: Iterable[Request]) -> None:
         for request in requests:
-            self._held.pop((request.priority, request.entry_id), None)
+            self._held.pop((request.shard, request.priority, request.entry_id), None)
 
     # ---- helpers ---------------------------------------------------------------------
 
@@ -391,7 +397,7 @@ class Worker:
             "joined group %s as %s on %s",
             self.settings.consumer_group,
             self.settings.consumer_name,
-            ", ".join(self.settings.keys.streams),
+            _served(self.streams),
         )
 
     async def _sync_clock(self) -> None:
@@ -426,6 +432,14 @@ class Worker:
         task = asyncio.create_task(coroutine)
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+
+
+def _served(streams: ShardedStreams) -> str:
+    """The streams one consumer reads, for the log: all of them when few, else the shards."""
+    if len(streams.stores) == 1:
+        return ", ".join(next(iter(streams.stores.values())).keys.streams)
+    shards = ",".join(str(shard) for shard in streams.stores)
+    return f"shards {shards} of SHARDS={streams.keys.shards} ({streams.keys.stream(0)} ...)"
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -52,7 +52,8 @@ def test_readme_defaults_match_the_code(monkeypatch) -> None:
         if name in {"consumer_name", "sidecar_token", "weights_dir"}:
             continue
         shown = str(value).lower() if isinstance(value, bool) else str(value)
-        assert f"| `{name.upper()}` | `{shown}` |" in README, name
+        cell = f"`{shown}`" if shown else "(empty)"
+        assert f"| `{name.upper()}` | {cell} |" in README, name
 
 
 def test_the_two_readme_commands_exist_in_the_makefile() -> None:

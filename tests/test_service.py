@@ -227,10 +227,12 @@ async def test_info_shows_the_age_of_the_oldest_waiting_request(redis_url, prefi
     env = service_env(redis_url, prefix)
     info = await asyncio.to_thread(cli, "info", env=env)
     assert info.returncode == 0, info.stderr
-    row = next(line for line in info.stdout.splitlines() if line.startswith("p1"))
-    age_s = float(row.split()[-1].rstrip("s"))
+    rows = [line.split() for line in info.stdout.splitlines()]
+    row = next(row for row in rows if row[:2] == ["0", "p1"])
+    assert row[:3] == ["0", "p1", stream]  # shard, priority, stream
+    age_s = float(row[-1].rstrip("s"))
     assert age_s > 1_000_000  # entry id 1000 ms: enqueued in 1970
-    assert row.split()[2] == "1"  # length
+    assert row[3] == "1"  # length
 
 
 async def test_info_watch_refreshes_until_interrupted(redis_url, prefix) -> None:

@@ -28,6 +28,8 @@ from .core import (
     ClientCore,
     OutgoingRequest,
     backlog_from_replies,
+    is_cluster_url,
+    plain_url,
 )
 from .errors import BalesError, RequestTimeout
 
@@ -70,14 +72,17 @@ class AsyncClient:
         group: str = "bales",
         max_backlog: int | None = None,
         cluster: bool = False,
+        shards: int | None = None,
     ) -> None:
         """``max_backlog``: refuse to enqueue (``Overloaded``) while the target priority has
         more than this many requests not yet delivered to the consumer group ``group``.
-        ``cluster``: ``redis_url`` names one node of a Redis Cluster."""
+        ``cluster`` (or a ``redis+cluster://`` URL): ``redis_url`` names one node of a Redis
+        Cluster. ``shards``: the fleet's ``SHARDS``; None reads what the consumers published
+        (once, before the first send)."""
         keys = wire.KeySpace(prefix, queue, priority_levels)
-        self.core = ClientCore(keys, group=group, max_backlog=max_backlog)
-        redis_class = RedisCluster if cluster else aioredis.Redis
-        self.redis = redis_class.from_url(redis_url, socket_timeout=None)
+        self.core = ClientCore(keys, group=group, max_backlog=max_backlog, shards=shards)
+        redis_class = RedisCluster if cluster or is_cluster_url(redis_url) else aioredis.Redis
+        self.redis = redis_class.from_url(plain_url(redis_url), socket_timeout=None)
         self.inbox = self.core.keys.inbox(uuid.uuid4().hex)
         self._enqueue = self.redis.register_script(_ENQUEUE_LUA)
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -85,8 +90,9 @@ class AsyncClient:
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self._gate_locks: dict[int, asyncio.Lock] = {}
+        self._gate_locks: dict[str, asyncio.Lock] = {}
         self._unclaimed: OrderedDict[str, None] = OrderedDict()
+        self._shards_lock = asyncio.Lock()
 
     async def __aenter__(self) -> AsyncClient:
         self._ensure_started()
@@ -101,15 +107,24 @@ class AsyncClient:
         Options: ``priority`` (0 is highest, default 1), ``timeout_s`` (default 5),
         ``request_id``, ``model_type``, ``traceparent`` (W3C trace context).
         """
-        request = self.core.build(model_id, values, reply_to=self.inbox, **options)
+        request = await self._build(model_id, values, options)
         await self._send(request)
         return request.request_id
 
     async def infer(self, model_id: str, values: Any, **options: Any) -> dict[str, Any]:
         """Submit one request and wait for its reply (see ``submit`` for the options)."""
-        request = self.core.build(model_id, values, reply_to=self.inbox, **options)
+        request = await self._build(model_id, values, options)
         await self._send(request)
         return await self.result(request.request_id, request.wait_s)
+
+    async def _build(self, model_id: str, values: Any, options: dict[str, Any]) -> OutgoingRequest:
+        """The request to XADD; the first call learns the fleet's shard count if needed."""
+        if not self.core.shards_known:
+            async with self._shards_lock:
+                if not self.core.shards_known:
+                    published = await self.redis.get(self.core.keys.shard_count)
+                    self.core.use_published_shards(published)
+        return self.core.build(model_id, values, reply_to=self.inbox, **options)
 
     async def result(
         self, request_id: str, timeout_s: float = DEFAULT_TIMEOUT_S + REPLY_GRACE_S
@@ -186,16 +201,16 @@ class AsyncClient:
         """Admission control: measure the backlog when stale (once for all concurrent
         submits of a priority), then refuse with ``Overloaded`` if it is over the limit."""
         gate = self.core.gate
-        if gate.stale(request.priority):
-            async with self._gate_locks.setdefault(request.priority, asyncio.Lock()):
-                if gate.stale(request.priority):
+        if gate.stale(request.stream):
+            async with self._gate_locks.setdefault(request.stream, asyncio.Lock()):
+                if gate.stale(request.stream):
                     async with self.redis.pipeline(transaction=False) as pipe:
                         pipe.xlen(request.stream)
                         pipe.xinfo_groups(request.stream)
                         length, groups = await pipe.execute(raise_on_error=False)
                     backlog = backlog_from_replies(length, groups, self.core.group)
-                    gate.record(request.priority, backlog)
-        gate.check(request.priority)
+                    gate.record(request.stream, backlog)
+        gate.check(request.stream, request.priority)
 
     async def _send(self, request: OutgoingRequest) -> None:
         self._ensure_started()
@@ -212,27 +227,37 @@ class AsyncClient:
             raise
 
     async def _write_loop(self) -> None:
-        """Send every queued request in one command per wake-up (see ``_ENQUEUE_LUA``)."""
+        """Send every queued request in one command per shard per wake-up (see
+        ``_ENQUEUE_LUA``; a shard's streams share a hash slot, so one script reaches all)."""
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             batch, self._outbox = self._outbox, []
-            args: list[str | bytes | int] = []
-            for request, _ in batch:
-                args += [request.priority + 1, len(request.fields)]
-                for name, value in request.fields.items():
-                    args += [name, value]
-            try:
-                results = await self._enqueue(keys=self.core.keys.streams, args=args)
-            except RedisError as exc:
-                results = [exc] * len(batch)
-            for (_, sent), result in zip(batch, results, strict=True):
-                if sent.done():
-                    continue
-                if isinstance(result, Exception):
-                    sent.set_exception(result)
-                else:
-                    sent.set_result(None)
+            by_shard: dict[int, list[tuple[OutgoingRequest, asyncio.Future[None]]]] = {}
+            for item in batch:
+                by_shard.setdefault(item[0].shard, []).append(item)
+            await asyncio.gather(*(self._enqueue_shard(s, part) for s, part in by_shard.items()))
+
+    async def _enqueue_shard(
+        self, shard: int, batch: list[tuple[OutgoingRequest, asyncio.Future[None]]]
+    ) -> None:
+        args: list[str | bytes | int] = []
+        for request, _ in batch:
+            args += [request.priority + 1, len(request.fields)]
+            for name, value in request.fields.items():
+                args += [name, value]
+        try:
+            streams = self.core.keys.for_shard(shard).streams
+            results = await self._enqueue(keys=streams, args=args)
+        except RedisError as exc:
+            results = [exc] * len(batch)
+        for (_, sent), result in zip(batch, results, strict=True):
+            if sent.done():
+                continue
+            if isinstance(result, Exception):
+                sent.set_exception(result)
+            else:
+                sent.set_result(None)
 
     async def _inbox_loop(self) -> None:
         """Drain the inbox and resolve the matching waiters."""

@@ -14,6 +14,8 @@ from .core import (
     ClientCore,
     OutgoingRequest,
     backlog_from_replies,
+    is_cluster_url,
+    plain_url,
 )
 from .errors import RequestTimeout
 
@@ -37,16 +39,20 @@ class Client:
         max_backlog: int | None = None,
         redis_client: redis.Redis | None = None,
         cluster: bool = False,
+        shards: int | None = None,
     ) -> None:
         """``max_backlog``: refuse to enqueue (``Overloaded``) while the target priority has
         more than this many requests not yet delivered to the consumer group ``group``.
-        ``cluster``: ``redis_url`` names one node of a Redis Cluster."""
+        ``cluster`` (or a ``redis+cluster://`` URL): ``redis_url`` names one node of a Redis
+        Cluster. ``shards``: the fleet's ``SHARDS``; None reads what the consumers published
+        (once, before the first send)."""
         keys = wire.KeySpace(prefix, queue, priority_levels)
-        self.core = ClientCore(keys, group=group, max_backlog=max_backlog)
+        self.core = ClientCore(keys, group=group, max_backlog=max_backlog, shards=shards)
         # socket_timeout=None: blocking reads carry their own timeout, and redis-py's 5 s
         # default would cut a long BLPOP short.
-        redis_class = RedisCluster if cluster else redis.Redis
-        self.redis = redis_client or redis_class.from_url(redis_url, socket_timeout=None)
+        redis_class = RedisCluster if cluster or is_cluster_url(redis_url) else redis.Redis
+        url = plain_url(redis_url)
+        self.redis = redis_client or redis_class.from_url(url, socket_timeout=None)
 
     def submit(self, model_id: str, values: Any, **options: Any) -> str:
         """Enqueue one request and return its request_id.
@@ -82,15 +88,17 @@ class Client:
         return self.result(request.request_id, request.wait_s)
 
     def _enqueue(self, model_id: str, values: Any, options: dict[str, Any]) -> OutgoingRequest:
+        if not self.core.shards_known:
+            self.core.use_published_shards(self.redis.get(self.core.keys.shard_count))  # type: ignore[arg-type]
         request = self.core.build(model_id, values, **options)
-        if self.core.gate.stale(request.priority):
+        gate = self.core.gate
+        if gate.stale(request.stream):
             pipe = self.redis.pipeline(transaction=False)
             pipe.xlen(request.stream)
             pipe.xinfo_groups(request.stream)
             length, groups = pipe.execute(raise_on_error=False)
-            backlog = backlog_from_replies(length, groups, self.core.group)
-            self.core.gate.record(request.priority, backlog)
-        self.core.gate.check(request.priority)
+            gate.record(request.stream, backlog_from_replies(length, groups, self.core.group))
+        gate.check(request.stream, request.priority)
         self.redis.xadd(request.stream, request.fields)  # type: ignore[arg-type]
         return request
 

@@ -14,11 +14,14 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import wire
 from .errors import Overloaded, reply_error
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes that name one node of a Redis Cluster, and the plain scheme redis-py takes."""
 
 DEFAULT_TIMEOUT_S = 5.0
 REPLY_GRACE_S = 1.0
@@ -31,6 +34,7 @@ class OutgoingRequest:
 
     request_id: str
     priority: int
+    shard: int
     stream: str
     fields: dict[str, str | bytes]
     wait_s: float
@@ -56,6 +60,17 @@ def new_request_id() -> str:
     return f"{_id_prefix}-{next(_id_counter):x}"
 
 
+def is_cluster_url(url: str) -> bool:
+    """True for a ``redis+cluster://`` (or ``rediss+cluster://``) URL."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def plain_url(url: str) -> str:
+    """The URL redis-py takes: ``redis+cluster://h:p`` becomes ``redis://h:p``."""
+    scheme, sep, rest = url.partition("://")
+    return CLUSTER_SCHEMES.get(scheme.lower(), scheme) + sep + rest
+
+
 def encode_input(values: Any) -> tuple[str, str | bytes]:
     """Encode an input as (encoding, payload).
 
@@ -73,30 +88,31 @@ BACKLOG_CHECK_INTERVAL_S = 0.1
 
 
 class BacklogGate:
-    """Admission control without I/O: remembers each priority's measured backlog and refuses
-    (``Overloaded``) while it is over ``limit``. The shells measure when ``stale()`` says so."""
+    """Admission control without I/O: remembers each request stream's measured backlog and
+    refuses (``Overloaded``) while it is over ``limit``. The shells measure when ``stale()``
+    says so. With shards, the limit applies to each shard's stream on its own."""
 
     def __init__(self, limit: int | None, interval_s: float = BACKLOG_CHECK_INTERVAL_S) -> None:
         self.limit = limit
         self.interval_s = interval_s
-        self._seen: dict[int, tuple[float, int]] = {}
+        self._seen: dict[str, tuple[float, int]] = {}
 
-    def stale(self, priority: int) -> bool:
-        """True when this priority's backlog should be measured before the next enqueue."""
+    def stale(self, stream: str) -> bool:
+        """True when this stream's backlog should be measured before the next enqueue."""
         if self.limit is None:
             return False
-        seen = self._seen.get(priority)
+        seen = self._seen.get(stream)
         return seen is None or time.monotonic() - seen[0] > self.interval_s
 
-    def record(self, priority: int, backlog: int) -> None:
+    def record(self, stream: str, backlog: int) -> None:
         """Store a fresh measurement."""
-        self._seen[priority] = (time.monotonic(), backlog)
+        self._seen[stream] = (time.monotonic(), backlog)
 
-    def check(self, priority: int) -> None:
+    def check(self, stream: str, priority: int) -> None:
         """Raise ``Overloaded`` if the last measured backlog is over the limit."""
-        if self.limit is None or priority not in self._seen:
+        if self.limit is None or stream not in self._seen:
             return
-        backlog = self._seen[priority][1]
+        backlog = self._seen[stream][1]
         if backlog > self.limit:
             raise Overloaded(priority, backlog, self.limit)
 
@@ -123,10 +139,29 @@ class ClientCore:
         *,
         group: str = "bales",
         max_backlog: int | None = None,
+        shards: int | None = 1,
     ) -> None:
+        """``shards``: the fleet's shard count, or None to have the shell read it from
+        ``keys.shard_count`` before the first send (``shards_known`` says which)."""
         self.keys = keys or wire.KeySpace()
         self.group = group
         self.gate = BacklogGate(max_backlog)
+        self.shards_known = shards is not None
+        if shards is not None:
+            self.use_shards(shards)
+
+    def use_shards(self, shards: int) -> None:
+        """Spread requests over ``shards`` shards from now on."""
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
+        self.keys = replace(self.keys, shards=shards, shard=0)
+        self.shards_known = True
+
+    def use_published_shards(self, published: bytes | str | None) -> None:
+        """Take the shard count the fleet published (the value of ``keys.shard_count``;
+        None or unreadable: 1)."""
+        text = published.decode() if isinstance(published, bytes) else published
+        self.use_shards(int(text) if text and text.isdigit() and int(text) >= 1 else 1)
 
     def build(
         self,
@@ -165,8 +200,10 @@ class ClientCore:
             fields[wire.FIELD_REPLY_TO] = reply_to
         if traceparent:
             fields[wire.FIELD_TRACEPARENT] = traceparent
+        shard = self.keys.shard_of(request_id)
+        stream = self.keys.for_shard(shard).stream(priority)
         return OutgoingRequest(
-            request_id, priority, self.keys.stream(priority), fields, timeout_s + REPLY_GRACE_S
+            request_id, priority, shard, stream, fields, timeout_s + REPLY_GRACE_S
         )
 
     def reply_key(self, request_id: str) -> str:

@@ -12,12 +12,18 @@ Keys (prefix ``bales`` and queue ``requests`` by default)::
     bales:inbox:<name>              optional per-client reply inbox (field ``reply_to``)
     bales:{requests}:models         HASH: model_id -> the weights every consumer should serve
     bales:{requests}:control        pub/sub channel: "reload this model" to every consumer
+    bales:{requests}:shards         STRING: the fleet's shard count (absent: 1)
+
+With ``SHARDS=S`` > 1, shard k (0 <= k < S) has its own request and dead-letter streams,
+``bales:{requests.k}:p0`` ... and ``bales:{requests.k}:dead``, each shard on its own hash
+slot; a request goes to shard ``crc32(request_id) % S``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 
 WIRE_VERSION = 1
 
@@ -65,21 +71,50 @@ def is_valid_request_id(value: str) -> bool:
     return REQUEST_ID_PATTERN.fullmatch(value) is not None
 
 
+def shard_of(request_id: str, shards: int) -> int:
+    """The shard a request goes to: CRC-32 (IEEE, as zlib) of its UTF-8 id, modulo
+    ``shards``, so a retry with the same id lands on the same shard."""
+    return zlib.crc32(request_id.encode()) % shards if shards > 1 else 0
+
+
 @dataclass(frozen=True)
 class KeySpace:
-    """Names of every Redis key bales-stream uses, for one prefix and queue name."""
+    """Names of every Redis key bales-stream uses, for one prefix and queue name, as seen
+    from one shard (``shard``, of ``shards``; see ``for_shard``)."""
 
     prefix: str = DEFAULT_PREFIX
     queue: str = DEFAULT_QUEUE
     priority_levels: int = DEFAULT_PRIORITY_LEVELS
+    shards: int = 1
+    shard: int = 0
 
     def __post_init__(self) -> None:
         if self.priority_levels < 1:
             raise ValueError(f"priority_levels must be >= 1, got {self.priority_levels}")
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        if not 0 <= self.shard < self.shards:
+            raise ValueError(f"shard must be 0..{self.shards - 1}, got {self.shard}")
+
+    def for_shard(self, shard: int) -> KeySpace:
+        """The same key space, seen from shard ``shard`` (its streams and dead letters)."""
+        return replace(self, shard=shard)
+
+    def shard_of(self, request_id: str) -> int:
+        """The shard a request with this id goes to (see ``shard_of``)."""
+        return shard_of(request_id, self.shards)
 
     @property
     def hash_tag(self) -> str:
-        """The Redis Cluster hash tag shared by all request streams: ``{requests}``."""
+        """The Redis Cluster hash tag of this shard's streams: ``{requests}`` with one
+        shard, else ``{requests.<shard>}``."""
+        if self.shards == 1:
+            return self.fleet_tag
+        return "{" + f"{self.queue}.{self.shard}" + "}"
+
+    @property
+    def fleet_tag(self) -> str:
+        """The hash tag of the keys every shard shares (models, control, shards)."""
         return "{" + self.queue + "}"
 
     def stream(self, priority: int) -> str:
@@ -103,12 +138,18 @@ class KeySpace:
     @property
     def desired_models(self) -> str:
         """HASH model_id -> JSON {"weights_path", "version"}: what the fleet should serve."""
-        return f"{self.prefix}:{self.hash_tag}:models"
+        return f"{self.prefix}:{self.fleet_tag}:models"
 
     @property
     def control_channel(self) -> str:
         """Pub/sub channel on which a reload is announced to every consumer."""
-        return f"{self.prefix}:{self.hash_tag}:control"
+        return f"{self.prefix}:{self.fleet_tag}:control"
+
+    @property
+    def shard_count(self) -> str:
+        """STRING: the fleet's shard count, set by every consumer at start; producers that
+        are not told the count read it here (absent: 1)."""
+        return f"{self.prefix}:{self.fleet_tag}:shards"
 
     def reply(self, request_id: str) -> str:
         """The reply LIST of one request."""

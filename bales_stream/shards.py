@@ -1,0 +1,124 @@
+"""Every shard one consumer serves: a ``StreamStore`` per shard, addressed as one.
+
+With ``SHARDS=S`` each shard's request streams carry their own hash tag
+(``bales:{requests.k}:p0`` ...), so on Redis Cluster the shards spread over the primaries;
+no script or blocking read may span two shards. The worker therefore runs one read loop per
+served shard (``stores``), and everything that answers or keeps entries (completion, dead
+letters, leases, reclaiming, trimming, stats) is routed here to the store of the entry's
+shard. With one shard this is a thin pass-through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any
+
+from bales_producer import wire
+
+from .replies import Completion
+from .streams import QueueStats, StreamEntry, StreamStore
+
+log = logging.getLogger(__name__)
+
+Held = tuple[int, int, str]
+"""(shard, priority, entry id) of an entry a worker has read and not yet answered."""
+
+
+class ShardedStreams:
+    """The request streams of the shards one consumer serves, in one group."""
+
+    def __init__(
+        self,
+        redis: Any,
+        keys: wire.KeySpace,
+        shards: tuple[int, ...],
+        group: str,
+        consumer: str,
+        reply_ttl_s: int,
+        cluster: bool = False,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.stores = {
+            shard: StreamStore(
+                redis, keys.for_shard(shard), group, consumer, reply_ttl_s, cluster=cluster
+            )
+            for shard in shards
+        }
+
+    def store(self, shard: int) -> StreamStore:
+        """The store of one served shard."""
+        return self.stores[shard]
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every served stream, and publish the fleet's shard count
+        (producers that are not told ``shards`` read it)."""
+        for store in self.stores.values():
+            await store.ensure_groups()
+        await self.publish_shard_count()
+
+    async def publish_shard_count(self) -> None:
+        """Set ``keys.shard_count`` to SHARDS; warn when the fleet said otherwise."""
+        previous = await self.redis.set(self.keys.shard_count, self.keys.shards, get=True)
+        if previous is not None and int(previous) != self.keys.shards:
+            log.warning(
+                "the fleet's shard count changes from %s to %d (%s): producers that read it "
+                "before keep using the old count; requests on shards no consumer serves wait",
+                previous.decode() if isinstance(previous, bytes) else previous,
+                self.keys.shards,
+                self.keys.shard_count,
+            )
+
+    async def complete(self, completions: list[Completion]) -> int:
+        """Answer and ack, per shard (concurrently); returns how many were stale."""
+        by_shard = _group(completions, lambda done: done.shard)
+        if len(by_shard) == 1:
+            ((shard, part),) = by_shard.items()
+            return await self.stores[shard].complete(part)
+        stale = await asyncio.gather(
+            *(self.stores[shard].complete(part) for shard, part in by_shard.items())
+        )
+        return sum(stale)
+
+    async def dead_letter(
+        self, entry: StreamEntry, reason: str, reply: Completion | None = None
+    ) -> None:
+        """Dead-letter an entry on its own shard (see ``StreamStore.dead_letter``)."""
+        await self.stores[entry.shard].dead_letter(entry, reason, reply)
+
+    async def refresh_lease(self, held: list[Held]) -> int:
+        """Refresh the lease of every held entry, per shard; returns how many are lost."""
+        by_shard = _group(held, lambda item: item[0])
+        lost = 0
+        for shard, items in by_shard.items():
+            lost += await self.stores[shard].refresh_lease([(p, i) for _, p, i in items])
+        return lost
+
+    async def trim(self) -> int:
+        """Trim every served shard's streams (see ``StreamStore.trim``)."""
+        return sum([await store.trim() for store in self.stores.values()])
+
+    async def forget_consumer_if_idle(self) -> bool:
+        """Leave the group on every served shard where this consumer holds nothing."""
+        forgotten = [await store.forget_consumer_if_idle() for store in self.stores.values()]
+        return all(forgotten)
+
+    async def queue_stats(self) -> list[QueueStats]:
+        """Queue stats of every served shard, shard by shard, highest priority first."""
+        stats: list[QueueStats] = []
+        for store in self.stores.values():
+            stats += await store.queue_stats()
+        return stats
+
+    async def redis_time_ms(self) -> float:
+        """The Redis server's clock, in ms since the epoch."""
+        return await next(iter(self.stores.values())).redis_time_ms()
+
+
+def _group(items: list[Any], shard_of: Any) -> dict[int, list[Any]]:
+    grouped: dict[int, list[Any]] = defaultdict(list)
+    for item in items:
+        grouped[shard_of(item)].append(item)
+    return grouped
