@@ -1,6 +1,7 @@
-"""Redis Cluster groundwork: a real 3-primary cluster (redis-server processes in cluster
-mode, joined with ``redis-cli --cluster create``) and the parts of the stream store that
-differ there (reply keys live in other hash slots than the request streams)."""
+"""Redis Cluster: real clusters (redis-server processes in cluster mode, joined with
+``redis-cli --cluster create``): the stream store's cluster paths (reply keys live in other
+hash slots than the request streams), the service end to end with and without shards,
+crash recovery, and primary failovers (graceful, and SIGKILL)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from bales_stream.settings import Settings, load_settings
 from bales_stream.streams import StreamEntry, StreamStore
 from bales_stream.worker import Worker
 
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
+
+pytestmark = pytest.mark.slow  # real clusters: run by CI, skipped by `make test-fast`
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +255,93 @@ async def test_a_primary_failover_under_traffic_loses_no_request(replicated_clus
         await worker.stop()
         await admin.aclose()
         await replica.aclose()
+
+
+async def test_shards_spread_over_the_primaries_and_every_shard_is_served(cluster) -> None:
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    keys = KeySpace(prefix, shards=3)
+    settings = cluster_settings(cluster, prefix, shards=3, max_batch_size=16)
+    redis_client = connect(cluster.url, cluster=True)
+    await redis_client.initialize()
+    nodes = {redis_client.get_node_from_key(keys.for_shard(k).stream(0)).name for k in range(3)}
+    assert len(nodes) == 3  # {requests.0..2} hash to slots on three different primaries
+    worker = Worker(settings, redis_client, Metrics())
+    await worker.start()
+    inputs = np.random.default_rng(17).standard_normal((300, 128)).astype(np.float32)
+    try:
+        url = cluster.url.replace("redis://", "redis+cluster://")
+        async with AsyncClient(url, prefix=prefix) as client:  # cluster and shards: discovered
+            replies = await asyncio.gather(*(client.infer("stub_v1", row) for row in inputs))
+        stats = await worker.streams.queue_stats()
+        lengths = [await redis_client.xlen(keys.for_shard(k).stream(1)) for k in range(3)]
+    finally:
+        await worker.stop()
+        await redis_client.aclose()
+    expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+    assert [r["result"]["label"] for r in replies] == expected
+    assert sum(lengths) == 300 and min(lengths) > 60
+    assert len(stats) == 9 and all((s.lag, s.pending) == (0, 0) for s in stats)
+
+
+async def primary_offsets_settled(primary: aioredis.Redis, replica: aioredis.Redis) -> bool:
+    """True when the replica has everything the primary wrote (nothing writes meanwhile)."""
+    written = (await primary.info("replication"))["master_repl_offset"]
+    return (await replica.info("replication"))["slave_repl_offset"] == written
+
+
+async def test_a_sigkilled_primary_fails_over_and_no_replicated_request_is_lost() -> None:
+    """kill -9 of the primary holding one shard, mid-traffic: the replica takes over (after
+    the node timeout), the consumer carries on, and every request Redis had replicated
+    before the kill, and every one sent after, is answered correctly. (Writes a killed
+    primary acknowledged but had not replicated are lost by Redis itself: README.)"""
+    cluster = LocalCluster(primaries=3, replicas=1, node_timeout_ms=1000).start()
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    keys = KeySpace(prefix, shards=3)
+    settings = cluster_settings(cluster, prefix, shards=3, claim_idle_ms=500, redis_timeout_s=2)
+    redis_client = connect(cluster.url, cluster=True)
+    worker = Worker(settings, redis_client, Metrics())
+    inputs = np.random.default_rng(23).standard_normal((400, 128)).astype(np.float32)
+    try:
+        await redis_client.initialize()
+        async with AsyncClient(cluster.url, prefix=prefix, cluster=True, shards=3) as client:
+            # the victim: a shard's primary that does not hold this client's reply inbox
+            inbox_node = redis_client.get_node_from_key(client.inbox).port
+            victim = next(
+                node
+                for k in range(3)
+                if (node := redis_client.get_node_from_key(keys.for_shard(k).stream(0))).port
+                != inbox_node
+            )
+            server = next(n for n in cluster.nodes if n.port == victim.port)
+            primary = aioredis.Redis.from_url(server.url)
+            replica = await replica_of(cluster, victim.port)
+            ids = [await client.submit("stub_v1", row, timeout_s=90) for row in inputs[:200]]
+            async with asyncio.timeout(10):
+                while not await primary_offsets_settled(primary, replica):
+                    await asyncio.sleep(0.01)  # replication offsets: no event to wait on
+            await primary.aclose()
+            first = [asyncio.ensure_future(client.result(i, timeout_s=90)) for i in ids]
+            await worker.start()
+            batches = worker.metrics.registry.get_sample_value
+            await wait_for(lambda: (batches("bales_batch_size_count") or 0) >= 2, timeout_s=30)
+            await asyncio.to_thread(server.kill)  # SIGKILL under traffic
+            unanswered_at_kill = sum(not reply.done() for reply in first)
+            async with asyncio.timeout(30):
+                while (await replica.info("replication"))["role"] != "master":
+                    await asyncio.sleep(0.05)  # the replica's role: no event to wait on
+            after = [client.infer("stub_v1", row, timeout_s=90) for row in inputs[200:]]
+            replies = await asyncio.gather(*first) + await asyncio.gather(*after)
+        assert unanswered_at_kill > 0
+        expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+        assert [r["result"]["label"] for r in replies] == expected
+        await wait_for(lambda: settled(worker), timeout_s=30)  # lost acks are redone
+        assert worker.metrics.redis_errors._value.get() > 0  # it did see the primary die
+    finally:
+        await worker.stop()
+        await redis_client.aclose()
+        cluster.stop()
+
+
+async def settled(worker: Worker) -> bool:
+    stats = await worker.streams.queue_stats()
+    return all((s.lag, s.pending) == (0, 0) for s in stats)
