@@ -114,12 +114,14 @@ async def queue_report(settings: Settings) -> str:
         )
         stats = await streams.queue_stats()
         consumers = await _group_consumers(redis_client, settings)
+        node_of = _node_finder(redis_client, settings.cluster_mode)
     finally:
         await redis_client.aclose()
     width = max(28, len(keys.for_shard(keys.shards - 1).stream(keys.priority_levels - 1)) + 2)
     lines = [
         f"{'shard':<6}{'priority':<9}{'stream':<{width}}"
         f"{'length':>8}{'lag':>8}{'pending':>9}{'oldest':>10}"
+        + ("  node" if settings.cluster_mode else "")
     ]
     for stat in stats:
         stream = keys.for_shard(stat.shard).stream(stat.priority)
@@ -128,11 +130,19 @@ async def queue_report(settings: Settings) -> str:
         lines.append(
             f"{stat.shard:<6}p{stat.priority:<8}{stream:<{width}}"
             f"{stat.length:>8}{lag!s:>8}{stat.pending:>9}{age:>10}"
+            + (f"  {node_of(stream)}" if settings.cluster_mode else "")
         )
     lines.append(f"\nconsumers in group {settings.consumer_group!r}: {len(consumers)}")
     for name, entry in sorted(consumers.items()):
         lines.append(f"  {name:<40} pending {entry['pending']:>6}  idle {entry['idle']} ms")
     return "\n".join(lines)
+
+
+def _node_finder(redis_client: Any, cluster: bool) -> Any:
+    """key -> the ``host:port`` of the cluster primary serving it (on a cluster)."""
+    if not cluster:
+        return lambda key: ""
+    return lambda key: redis_client.get_node_from_key(key).name
 
 
 async def _group_consumers(redis_client: Any, settings: Settings) -> dict[str, dict[str, Any]]:

@@ -207,6 +207,15 @@ def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def _by_inbox(completions: list[Completion]) -> dict[str, list[bytes]]:
+    """The reply documents of each ``reply_to`` inbox, in completion order."""
+    inboxes: dict[str, list[bytes]] = {}
+    for done in completions:
+        if done.reply_to:
+            inboxes.setdefault(done.reply_to, []).append(done.document)
+    return inboxes
+
+
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     """A flat ``[field, value, ...]`` list (as Lua returns it) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
@@ -312,10 +321,9 @@ class StreamStore:
             # fault this call is retried whole, and the first attempt may have written the
             # reply but not reached the inbox. A client may so see a reply twice; it keeps
             # the first (the reply key holds exactly one).
-            for done in completions:
-                if done.reply_to:
-                    pipe.rpush(done.reply_to, done.document)
-                    pipe.expire(done.reply_to, self.reply_ttl_s)
+            for inbox, documents in _by_inbox(completions).items():
+                pipe.rpush(inbox, *documents)  # one push per client inbox, not per reply
+                pipe.expire(inbox, self.reply_ttl_s)
             streams = [self.keys.stream(done.priority) for done in completions]
             ids = [done.entry_id for done in completions]
             pipe.eval(_ACK_OWNED_LUA, len(streams), *streams, self.group, self.consumer, *ids)

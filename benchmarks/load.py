@@ -190,7 +190,7 @@ async def run_here(
 ) -> tuple[CpuSample, CpuSample, float]:
     """Drive the load from this process."""
     async with AsyncClient(
-        system.redis_url, prefix=system.prefix, cluster=system.cluster
+        system.redis_url, prefix=system.prefix, cluster=system.cluster, shards=args.shards
     ) as client:
         await client.infer("stub_v1", make_inputs(1, args.payload)[0])  # warm-up
         cpu_before = system.cpu(time.process_time())
@@ -257,13 +257,16 @@ def _shared_options(args: argparse.Namespace) -> list[tuple[str, object]]:
         ("mix", mix),
         ("timeout_s", args.timeout_s),
         ("cluster", args.cluster),
+        ("shards", args.shards),
     ]
 
 
 async def producer_role(args: argparse.Namespace) -> None:
     """One of several producer processes: load the given share, write the raw results."""
     results = Results()
-    client = AsyncClient(args.redis_url, prefix=args.prefix, cluster=args.cluster > 0)
+    client = AsyncClient(
+        args.redis_url, prefix=args.prefix, cluster=args.cluster > 0, shards=args.shards
+    )
     async with client:
         await client.infer("stub_v1", make_inputs(1, args.payload)[0])  # warm-up
         if args.mode == "saturate":
@@ -288,7 +291,11 @@ async def run(args: argparse.Namespace) -> dict:
     servers = start_redis(args)
     redis_url = args.redis_url or servers[0].url
     prefix = args.prefix or f"bench{uuid.uuid4().hex[:8]}"
-    env = {"MAX_BATCH_SIZE": str(args.max_batch), "BATCH_WINDOW_MS": str(args.window_ms)}
+    env = {
+        "MAX_BATCH_SIZE": str(args.max_batch),
+        "BATCH_WINDOW_MS": str(args.window_ms),
+        "SHARDS": str(args.shards),
+    }
     if args.cluster:
         env["REDIS_CLUSTER"] = "true"
     consumers = Consumers(args.consumers, redis_url, prefix, env)
@@ -312,6 +319,8 @@ async def run(args: argparse.Namespace) -> dict:
         "payload": args.payload,
         "consumers": args.consumers,
         "producers": args.producers,
+        "cluster_primaries": args.cluster,
+        "shards": args.shards,
         "rate": args.rate if args.mode == "open" else None,
         "requests": results.count,
         "elapsed_s": elapsed_s,
@@ -437,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="start a Redis Cluster of N primaries instead of one redis-server (REDIS_CLUSTER)",
+    )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="SHARDS: stream sets per priority, each on its own hash tag (default 1)",
     )
     parser.add_argument(
         "--prefix",

@@ -175,6 +175,32 @@ def test_cli_info_works_against_a_cluster(cluster) -> None:
     assert f"{prefix}:{{requests}}:p0" in info.stdout
 
 
+def test_cli_info_shows_each_shard_and_the_primary_holding_it(cluster) -> None:
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "KEY_"))},
+        "REDIS_URL": cluster.url.replace("redis://", "redis+cluster://"),
+        "KEY_PREFIX": prefix,
+        "SHARDS": "3",
+    }
+    info = subprocess.run(
+        [sys.executable, "-m", "bales_stream", "info"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert info.returncode == 0, info.stderr
+    rows = [line.split() for line in info.stdout.splitlines() if f"{prefix}:" in line]
+    assert [(row[0], row[1]) for row in rows] == [
+        (str(k), f"p{p}") for k in range(3) for p in range(3)
+    ]
+    nodes = {row[0]: row[-1] for row in rows}
+    assert len(set(nodes.values())) == 3  # three shards on three primaries
+    assert all(node.startswith("127.0.0.1:") for node in nodes.values())
+
+
 async def test_a_dead_consumers_entries_are_reclaimed_and_answered_on_a_cluster(
     cluster, rc
 ) -> None:

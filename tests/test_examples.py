@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from bales_producer import KeySpace
 
 from .conftest import ROOT
 
@@ -43,7 +44,7 @@ async def test_the_redis_cli_example_gets_a_reply(service, redis_url, prefix) ->
     assert reply["request_id"].startswith("cli-")
 
 
-async def test_the_nodejs_example_gets_replies_for_json_and_f32(service, redis_url, prefix) -> None:
+async def run_node_example(redis_url: str, prefix: str) -> list[dict]:
     node_dir = EXAMPLES / "node"
     if shutil.which("node") is None or not (node_dir / "node_modules").is_dir():
         if os.environ.get("CI"):
@@ -53,11 +54,28 @@ async def test_the_nodejs_example_gets_replies_for_json_and_f32(service, redis_u
         ["node", "send.mjs"], {"REDIS_URL": redis_url, "BALES_PREFIX": prefix}, cwd=node_dir
     )
     assert code == 0, err
-    replies = [json.loads(line) for line in out.splitlines()]
+    return [json.loads(line) for line in out.splitlines()]
+
+
+async def test_the_nodejs_example_gets_replies_for_json_and_f32(service, redis_url, prefix) -> None:
+    replies = await run_node_example(redis_url, prefix)
     assert [r["status"] for r in replies] == ["ok", "ok"]
     assert [r["priority"] for r in replies] == [0, 1]
     # the same values sent as JSON and as f32 give the same answer
     assert replies[0]["result"]["label"] == replies[1]["result"]["label"]
+
+
+async def test_the_nodejs_example_follows_the_shard_rule(
+    service_factory, redis_url, prefix, aredis
+) -> None:
+    keys = KeySpace(prefix, shards=3)
+    async with service_factory(shards=3):
+        replies = await run_node_example(redis_url, prefix)
+    assert [r["status"] for r in replies] == ["ok", "ok"]
+    for reply in replies:  # each entry sits on the stream crc32(request_id) % 3 names
+        stream = keys.for_shard(keys.shard_of(reply["request_id"])).stream(reply["priority"])
+        entries = await aredis.xrange(stream)
+        assert [e[1][b"request_id"].decode() for e in entries] == [reply["request_id"]]
 
 
 async def test_the_python_example_runs(service, redis_url, prefix) -> None:

@@ -6,6 +6,7 @@
 // Env: REDIS_URL (default redis://127.0.0.1:6379), BALES_PREFIX (default bales),
 //      BALES_MODEL (default stub_v1). Prints one reply document per line; exits 1 on
 //      an error reply or when no reply arrives within 10 s.
+import { crc32 } from 'node:zlib';
 import { createClient } from 'redis';
 
 const url = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
@@ -17,8 +18,17 @@ const client = createClient({ url });
 client.on('error', (err) => console.error('redis error:', err.message));
 await client.connect();
 
+// Shards (docs/wire-format.md): the fleet publishes its count; a request goes to shard
+// crc32(request_id) % count, whose streams are {requests.<k>} (one shard: {requests}).
+const shards = Number((await client.get(`${prefix}:{requests}:shards`)) ?? '1') || 1;
+
+function streamOf(requestId, priority) {
+  if (shards === 1) return `${prefix}:{requests}:p${priority}`;
+  return `${prefix}:{requests.${crc32(requestId) % shards}}:p${priority}`;
+}
+
 async function infer(requestId, fields, priority = 1) {
-  await client.xAdd(`${prefix}:{requests}:p${priority}`, '*', {
+  await client.xAdd(streamOf(requestId, priority), '*', {
     request_id: requestId,
     model_id: modelId,
     timeout_ms: '5000',
