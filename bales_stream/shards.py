@@ -17,6 +17,7 @@ from typing import Any
 
 from bales_producer import wire
 
+from .cluster_nodes import NodeClients
 from .replies import Completion
 from .streams import QueueStats, StreamEntry, StreamStore
 
@@ -41,9 +42,16 @@ class ShardedStreams:
     ) -> None:
         self.redis = redis
         self.keys = keys
+        self.nodes = NodeClients(redis) if cluster else None
         self.stores = {
             shard: StreamStore(
-                redis, keys.for_shard(shard), group, consumer, reply_ttl_s, cluster=cluster
+                redis,
+                keys.for_shard(shard),
+                group,
+                consumer,
+                reply_ttl_s,
+                cluster=cluster,
+                nodes=self.nodes,
             )
             for shard in shards
         }
@@ -111,6 +119,11 @@ class ShardedStreams:
         for store in self.stores.values():
             stats += await store.queue_stats()
         return stats
+
+    async def aclose(self) -> None:
+        """Close the per-primary clients of a cluster (the main client is the caller's)."""
+        if self.nodes is not None:
+            await self.nodes.reset()
 
     async def redis_time_ms(self) -> float:
         """The Redis server's clock, in ms since the epoch."""

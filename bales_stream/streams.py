@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from bales_producer import wire
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .cluster_nodes import NodeClients
 from .protocol import entry_time_ms
 from .replies import Completion
+
+log = logging.getLogger(__name__)
 
 DEAD_LETTER_MAXLEN = 100_000
 """Approximate cap of the dead-letter stream (it is not a request stream, so trimming loses
@@ -66,6 +71,8 @@ redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+
+_REPLY_ONCE_SHA = hashlib.sha1(_REPLY_ONCE_LUA.encode()).hexdigest()
 
 _ACK_OWNED_LUA = """
 local group, consumer = ARGV[1], ARGV[2]
@@ -233,9 +240,12 @@ class StreamStore:
         consumer: str,
         reply_ttl_s: int,
         cluster: bool = False,
+        nodes: NodeClients | None = None,
     ) -> None:
+        """``nodes``: the per-primary clients of a cluster (shared by a consumer's shards)."""
         self.redis = redis
         self.cluster = cluster
+        self.nodes = (nodes or NodeClients(redis)) if cluster else None
         self.keys = keys
         self.shard = keys.shard
         self.group = group
@@ -311,11 +321,7 @@ class StreamStore:
 
     async def _complete_on_cluster(self, completions: list[Completion]) -> int:
         """Replies first (each once), then the fenced acks: see ``_REPLY_ONCE_LUA``."""
-        async with self.redis.pipeline() as pipe:
-            for done in completions:
-                reply_key = self.keys.reply(done.request_id)
-                pipe.eval(_REPLY_ONCE_LUA, 1, reply_key, done.document, self.reply_ttl_s)
-            await pipe.execute()
+        await self._write_replies_on_cluster(completions)
         async with self.redis.pipeline() as pipe:
             # Every inbox is notified, even when its reply key was already written: after a
             # fault this call is retried whole, and the first attempt may have written the
@@ -329,6 +335,43 @@ class StreamStore:
             pipe.eval(_ACK_OWNED_LUA, len(streams), *streams, self.group, self.consumer, *ids)
             results = await pipe.execute()
         return int(results[-1])
+
+    async def _write_replies_on_cluster(self, completions: list[Completion]) -> None:
+        """Each reply once, through the plain pipeline of the primary owning its slot
+        (``cluster_nodes``); after any Redis error, again through the cluster client, which
+        follows MOVED/ASK and failovers (harmless: a reply is written once either way)."""
+        reply_keys = [self.keys.reply(done.request_id) for done in completions]
+        assert self.nodes is not None
+        groups = self.nodes.group_by_node(reply_keys)
+        outcomes = await asyncio.gather(
+            *(
+                self._write_replies_on_node(n, i, reply_keys, completions)
+                for n, i in groups.items()
+            ),
+            return_exceptions=True,
+        )
+        errors = [e for e in outcomes if isinstance(e, BaseException)]
+        if not errors:
+            return
+        if not all(isinstance(e, RedisError) for e in errors):
+            raise errors[0]
+        log.info("writing replies per primary failed (%s); using the cluster client", errors[0])
+        await self.nodes.reset()
+        async with self.redis.pipeline() as pipe:
+            for reply_key, done in zip(reply_keys, completions, strict=True):
+                pipe.eval(_REPLY_ONCE_LUA, 1, reply_key, done.document, self.reply_ttl_s)
+            await pipe.execute()
+
+    async def _write_replies_on_node(
+        self, node: str, indexes: list[int], reply_keys: list[str], completions: list[Completion]
+    ) -> None:
+        assert self.nodes is not None
+        client = await self.nodes.client(node, [_REPLY_ONCE_LUA])
+        async with client.pipeline(transaction=False) as pipe:
+            for i in indexes:
+                doc = completions[i].document
+                pipe.evalsha(_REPLY_ONCE_SHA, 1, reply_keys[i], doc, self.reply_ttl_s)
+            await pipe.execute()
 
     def _completion_call(self, completions: list[Completion]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []

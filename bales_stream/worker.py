@@ -152,6 +152,7 @@ class Worker:
         if not self._held:
             with contextlib.suppress(RedisError):
                 await self.streams.forget_consumer_if_idle()
+        await self.streams.aclose()
         self.executor.stop()
 
     async def _load_models(self) -> None:
