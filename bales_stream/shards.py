@@ -70,7 +70,7 @@ class ShardedStreams:
     async def publish_shard_count(self) -> None:
         """Set ``keys.shard_count`` to SHARDS; warn when the fleet said otherwise."""
         previous = await self.redis.set(self.keys.shard_count, self.keys.shards, get=True)
-        if previous is not None and int(previous) != self.keys.shards:
+        if previous is not None and previous != str(self.keys.shards).encode():
             log.warning(
                 "the fleet's shard count changes from %s to %d (%s): producers that read it "
                 "before keep using the old count; requests on shards no consumer serves wait",

@@ -118,3 +118,13 @@ async def test_an_unanswerable_entry_is_dead_lettered_on_its_own_shard(
     dead = await aredis.xrange(shard1.dead_letter)
     assert dead[0][1][b"stream"] == shard1.stream(1).encode()
     assert dead[0][1][b"reason"] == b"missing field request_id"
+
+
+async def test_a_consumer_publishes_its_shard_count_over_whatever_was_there(
+    service_factory, aredis: aioredis.Redis, prefix, caplog
+) -> None:
+    keys = KeySpace(prefix)
+    await aredis.set(keys.shard_count, b"not a number")
+    async with service_factory(shards=2):
+        assert await aredis.get(keys.shard_count) == b"2"
+    assert "shard count changes from not a number to 2" in caplog.text
