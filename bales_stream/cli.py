@@ -97,38 +97,37 @@ async def queue_report(settings: Settings) -> str:
     request (the figures the sidecar's /health and /metrics show); then the group's
     consumers with their pending count (all shards) and idle time."""
     from .service import connect
-    from .shards import ShardedStreams
+    from .shards import ShardedStreams, shard_label
 
     keys = settings.keys
     redis_client = connect(settings.redis_url.get_secret_value(), cluster=settings.cluster_mode)
     try:
-        every_shard = tuple(range(keys.shards))
         streams = ShardedStreams(
             redis_client,
             keys,
-            every_shard,
+            tuple(range(keys.shards)),
             settings.consumer_group,
             "bales-stream-info",
             1,
             settings.cluster_mode,
         )
         stats = await streams.queue_stats()
-        consumers = await _group_consumers(redis_client, settings)
+        consumers = await _group_consumers(redis_client, settings, streams.all_streams)
         node_of = _node_finder(redis_client, settings.cluster_mode)
     finally:
         await redis_client.aclose()
-    width = max(28, len(keys.for_shard(keys.shards - 1).stream(keys.priority_levels - 1)) + 2)
+    width = max(len(name) for name in streams.all_streams) + 2
     lines = [
         f"{'shard':<6}{'priority':<9}{'stream':<{width}}"
         f"{'length':>8}{'lag':>8}{'pending':>9}{'oldest':>10}"
         + ("  node" if settings.cluster_mode else "")
     ]
     for stat in stats:
-        stream = keys.for_shard(stat.shard).stream(stat.priority)
+        stream = streams.stream(stat.shard, stat.priority)
         lag = "-" if stat.lag is None else stat.lag
         age = "-" if stat.oldest_age_s is None else f"{stat.oldest_age_s:.1f}s"
         lines.append(
-            f"{stat.shard:<6}p{stat.priority:<8}{stream:<{width}}"
+            f"{shard_label(stat.shard):<6}p{stat.priority:<8}{stream:<{width}}"
             f"{stat.length:>8}{lag!s:>8}{stat.pending:>9}{age:>10}"
             + (f"  {node_of(stream)}" if settings.cluster_mode else "")
         )
@@ -145,11 +144,11 @@ def _node_finder(redis_client: Any, cluster: bool) -> Any:
     return lambda key: redis_client.get_node_from_key(key).name
 
 
-async def _group_consumers(redis_client: Any, settings: Settings) -> dict[str, dict[str, Any]]:
+async def _group_consumers(
+    redis_client: Any, settings: Settings, streams: list[str]
+) -> dict[str, dict[str, Any]]:
     """Consumer name -> pending entries (all streams) and idle time (the least)."""
     consumers: dict[str, dict[str, Any]] = {}
-    keys = settings.keys
-    streams = [s for shard in range(keys.shards) for s in keys.for_shard(shard).streams]
     for stream in streams:
         try:
             found = await redis_client.xinfo_consumers(stream, settings.consumer_group)

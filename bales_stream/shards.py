@@ -5,7 +5,8 @@ With ``SHARDS=S`` each shard's request streams carry their own hash tag
 no script or blocking read may span two shards. The worker therefore runs one read loop per
 served shard (``stores``), and everything that answers or keeps entries (completion, dead
 letters, leases, reclaiming, trimming, stats) is routed here to the store of the entry's
-shard. With one shard this is a thin pass-through.
+shard. With one shard this is a thin pass-through. While ``SHARDS`` > 1, the v1 streams
+(``bales:{requests}:p*``) are served too (``UNSHARDED``), for producers that predate sharding.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 from bales_producer import wire
@@ -22,6 +24,10 @@ from .replies import Completion
 from .streams import QueueStats, StreamEntry, StreamStore
 
 log = logging.getLogger(__name__)
+
+UNSHARDED = -1
+"""Shard id of the v1 streams (``bales:{requests}:p*``) while ``SHARDS`` > 1: every consumer
+that serves shard 0 reads them too, so producers that predate sharding are still served."""
 
 Held = tuple[int, int, str]
 """(shard, priority, entry id) of an entry a worker has read and not yet answered."""
@@ -46,19 +52,29 @@ class ShardedStreams:
         self.stores = {
             shard: StreamStore(
                 redis,
-                keys.for_shard(shard),
+                space,
                 group,
                 consumer,
                 reply_ttl_s,
                 cluster=cluster,
                 nodes=self.nodes,
+                shard=shard,
             )
-            for shard in shards
+            for shard, space in serving_plan(keys, shards).items()
         }
 
     def store(self, shard: int) -> StreamStore:
         """The store of one served shard."""
         return self.stores[shard]
+
+    def stream(self, shard: int, priority: int) -> str:
+        """The name of one served shard's request stream of one priority."""
+        return self.stores[shard].keys.stream(priority)
+
+    @property
+    def all_streams(self) -> list[str]:
+        """Every request stream served, shard by shard, highest priority first."""
+        return [name for store in self.stores.values() for name in store.keys.streams]
 
     async def ensure_groups(self) -> None:
         """Create the group on every served stream, and publish the fleet's shard count
@@ -128,6 +144,20 @@ class ShardedStreams:
     async def redis_time_ms(self) -> float:
         """The Redis server's clock, in ms since the epoch."""
         return await next(iter(self.stores.values())).redis_time_ms()
+
+
+def serving_plan(keys: wire.KeySpace, shards: tuple[int, ...]) -> dict[int, wire.KeySpace]:
+    """Shard id -> its key space, for the served ``shards``; plus the v1 streams
+    (``UNSHARDED``) when the fleet is sharded and shard 0 is among them."""
+    plan = {shard: keys.for_shard(shard) for shard in shards}
+    if keys.shards > 1 and 0 in shards:
+        plan[UNSHARDED] = replace(keys, shards=1, shard=0)
+    return plan
+
+
+def shard_label(shard: int) -> str:
+    """How a shard id is shown: its number, or ``v1`` for the unsharded streams."""
+    return "v1" if shard == UNSHARDED else str(shard)
 
 
 def _group(items: list[Any], shard_of: Any) -> dict[int, list[Any]]:

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from .errors import ModelLoadError
+from .shards import UNSHARDED
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,9 @@ async def _queue_stats(worker: Worker) -> list[dict[str, Any]] | None:
     worker.metrics.observe_queues(stats)
     return [
         {
-            "shard": s.shard,
+            "shard": None if s.shard == UNSHARDED else s.shard,
             "priority": s.priority,
-            "stream": worker.settings.keys.for_shard(s.shard).stream(s.priority),
+            "stream": worker.streams.stream(s.shard, s.priority),
             "length": s.length,
             "lag": s.lag,
             "pending": s.pending,

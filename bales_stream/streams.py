@@ -241,13 +241,15 @@ class StreamStore:
         reply_ttl_s: int,
         cluster: bool = False,
         nodes: NodeClients | None = None,
+        shard: int | None = None,
     ) -> None:
-        """``nodes``: the per-primary clients of a cluster (shared by a consumer's shards)."""
+        """``nodes``: the per-primary clients of a cluster (shared by a consumer's shards);
+        ``shard``: the id its entries carry (default ``keys.shard``)."""
         self.redis = redis
         self.cluster = cluster
         self.nodes = (nodes or NodeClients(redis)) if cluster else None
         self.keys = keys
-        self.shard = keys.shard
+        self.shard = keys.shard if shard is None else shard
         self.group = group
         self.consumer = consumer
         self.reply_ttl_s = reply_ttl_s

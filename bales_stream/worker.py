@@ -282,7 +282,7 @@ class Worker:
         reason = (
             f"failed on {deliveries - 1} deliveries (MAX_DELIVERIES="
             f"{self.settings.max_deliveries}); moved to "
-            f"{self.settings.keys.for_shard(entry.shard).dead_letter}"
+            f"{self.streams.store(entry.shard).keys.dead_letter}"
         )
         log.warning(
             "giving up on entry %s of p%d: %s",

@@ -193,10 +193,9 @@ def test_cli_info_shows_each_shard_and_the_primary_holding_it(cluster) -> None:
     )
     assert info.returncode == 0, info.stderr
     rows = [line.split() for line in info.stdout.splitlines() if f"{prefix}:" in line]
-    assert [(row[0], row[1]) for row in rows] == [
-        (str(k), f"p{p}") for k in range(3) for p in range(3)
-    ]
-    nodes = {row[0]: row[-1] for row in rows}
+    shards = [*(str(k) for k in range(3)), "v1"]  # the v1 streams are served too
+    assert [(row[0], row[1]) for row in rows] == [(k, f"p{p}") for k in shards for p in range(3)]
+    nodes = {row[0]: row[-1] for row in rows if row[0] != "v1"}
     assert len(set(nodes.values())) == 3  # three shards on three primaries
     assert all(node.startswith("127.0.0.1:") for node in nodes.values())
 
@@ -306,7 +305,8 @@ async def test_shards_spread_over_the_primaries_and_every_shard_is_served(cluste
     expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
     assert [r["result"]["label"] for r in replies] == expected
     assert sum(lengths) == 300 and min(lengths) > 60
-    assert len(stats) == 9 and all((s.lag, s.pending) == (0, 0) for s in stats)
+    assert len(stats) == 12  # 3 shards + the v1 streams, 3 priorities each
+    assert all((s.lag, s.pending) == (0, 0) for s in stats)
 
 
 async def primary_offsets_settled(primary: aioredis.Redis, replica: aioredis.Redis) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 
+import aiohttp
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -15,6 +16,7 @@ from bales_producer.core import ClientCore
 
 from bales_stream.models import builtin_stub
 from bales_stream.settings import SettingsError, load_settings, parse_shards
+from bales_stream.shards import UNSHARDED
 
 from .conftest import wait_for
 
@@ -62,7 +64,8 @@ async def test_every_shard_is_served_and_the_producer_learns_the_shard_count(
     assert [r["result"]["label"] for r in replies] == expected
     lengths = [await aredis.xlen(keys.for_shard(k).stream(1)) for k in range(3)]
     assert sum(lengths) == 90 and all(n > 10 for n in lengths)  # crc32 spreads them
-    assert {(s.shard, s.priority) for s in stats} == {(k, p) for k in range(3) for p in range(3)}
+    served = {(s.shard, s.priority) for s in stats}
+    assert served == {(k, p) for k in (0, 1, 2, UNSHARDED) for p in range(3)}
     assert all((s.lag, s.pending) == (0, 0) for s in stats)
 
 
@@ -80,7 +83,8 @@ async def test_consumers_serving_disjoint_subsets_answer_everything_from_their_o
         service_factory(shards=3, serve_shards="0") as first,
         service_factory(shards=3, serve_shards="1-2") as second,
     ):
-        assert list(first.worker.streams.stores) == [0]
+        assert list(first.worker.streams.stores) == [0, UNSHARDED]  # v1 streams with shard 0
+        assert list(second.worker.streams.stores) == [1, 2]
         ids = [f"s-{i}" for i in range(60)]
         replies = await asyncio.to_thread(send_with_sync_client, redis_url, prefix, ids)
         first_count = first.worker.metrics.requests.labels("stub_v1", "ok")._value.get()
@@ -128,3 +132,21 @@ async def test_a_consumer_publishes_its_shard_count_over_whatever_was_there(
     async with service_factory(shards=2):
         assert await aredis.get(keys.shard_count) == b"2"
     assert "shard count changes from not a number to 2" in caplog.text
+
+
+async def test_producers_that_predate_sharding_are_still_served(
+    service_factory, aredis: aioredis.Redis, prefix
+) -> None:
+    v1 = KeySpace(prefix)  # bales:{requests}:p*, what a v1 producer writes to
+    async with service_factory(shards=3) as svc:
+        await aredis.xadd(
+            v1.stream(1),
+            {"request_id": "v1-req", "model_id": "stub_v1", "input": "[" + "0.5," * 127 + "0.5]"},
+        )
+        reply = await aredis.blpop([v1.reply("v1-req")], timeout=20)
+        async with aiohttp.ClientSession() as http, http.get(f"{svc.base_url}/health") as got:
+            queues = (await got.json())["queues"]
+    assert reply is not None and b'"status":"ok"' in reply[1]
+    v1_rows = [q for q in queues if q["shard"] is None]
+    assert [q["stream"] for q in v1_rows] == v1.streams
+    assert {q["shard"] for q in queues} == {None, 0, 1, 2}
