@@ -72,7 +72,24 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-_REPLY_ONCE_SHA = hashlib.sha1(_REPLY_ONCE_LUA.encode()).hexdigest()
+# The fast path of the same, per primary: every reply whose key that primary owns, each
+# written once, in one call. The reply keys come in ARGV, not KEYS: declared keys must share
+# one slot, and each reply key has its own. The allow-cross-slot-keys flag (Redis 7) lets one
+# script touch keys of several slots of its own node; a key the node does not own (a slot
+# moved, a failover) is refused ("non local key") and the caller falls back to the cluster
+# client, which follows the redirect. ARGV: ttl_s, then reply key, document pairs.
+_REPLIES_ON_NODE_LUA = """#!lua flags=allow-cross-slot-keys
+local ttl, written = ARGV[1], 0
+for i = 2, #ARGV, 2 do
+  if redis.call('EXISTS', ARGV[i]) == 0 then
+    redis.call('RPUSH', ARGV[i], ARGV[i + 1])
+    redis.call('EXPIRE', ARGV[i], ttl)
+    written = written + 1
+  end
+end
+return written
+"""
+_REPLIES_ON_NODE_SHA = hashlib.sha1(_REPLIES_ON_NODE_LUA.encode()).hexdigest()
 
 _ACK_OWNED_LUA = """
 local group, consumer = ARGV[1], ARGV[2]
@@ -339,9 +356,10 @@ class StreamStore:
         return int(results[-1])
 
     async def _write_replies_on_cluster(self, completions: list[Completion]) -> None:
-        """Each reply once, through the plain pipeline of the primary owning its slot
-        (``cluster_nodes``); after any Redis error, again through the cluster client, which
-        follows MOVED/ASK and failovers (harmless: a reply is written once either way)."""
+        """Each reply once, in one call per primary for the replies whose slots it owns
+        (``_REPLIES_ON_NODE_LUA``, ``cluster_nodes``); after any Redis error, again through
+        the cluster client, which follows MOVED/ASK and failovers (harmless: a reply is
+        written once either way)."""
         reply_keys = [self.keys.reply(done.request_id) for done in completions]
         assert self.nodes is not None
         groups = self.nodes.group_by_node(reply_keys)
@@ -368,12 +386,11 @@ class StreamStore:
         self, node: str, indexes: list[int], reply_keys: list[str], completions: list[Completion]
     ) -> None:
         assert self.nodes is not None
-        client = await self.nodes.client(node, [_REPLY_ONCE_LUA])
-        async with client.pipeline(transaction=False) as pipe:
-            for i in indexes:
-                doc = completions[i].document
-                pipe.evalsha(_REPLY_ONCE_SHA, 1, reply_keys[i], doc, self.reply_ttl_s)
-            await pipe.execute()
+        client = await self.nodes.client(node, [_REPLIES_ON_NODE_LUA])
+        pairs: list[Any] = []
+        for i in indexes:
+            pairs += [reply_keys[i], completions[i].document]
+        await client.evalsha(_REPLIES_ON_NODE_SHA, 0, self.reply_ttl_s, *pairs)
 
     def _completion_call(self, completions: list[Completion]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []

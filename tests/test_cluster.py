@@ -100,6 +100,27 @@ async def test_completion_on_a_cluster_writes_each_reply_once_then_acks(rc, keys
         assert await rc.lrange(keys.reply(item.request_id), 0, -1) == [item.document]
 
 
+async def test_replies_sent_to_a_primary_that_does_not_own_them_fall_back_and_land_once(
+    rc, keys
+) -> None:
+    store = await store_for(rc, keys, "me")
+    for i in range(12):
+        await rc.xadd(keys.stream(1), {"request_id": f"w{i}"})
+    entries = await store.read(count=12, share=12, block_ms=100)
+    done = [completion(e, e.fields[b"request_id"].decode()) for e in entries]
+    # a stale slot map: each primary's plain client talks to another primary
+    names = [node.name for node in rc.get_primaries()]
+    assert store.nodes is not None
+    for name, other in zip(names, names[1:] + names[:1], strict=True):
+        node = rc.get_node(node_name=other)
+        store.nodes._clients[name] = aioredis.Redis(host=node.host, port=node.port)
+    assert await store.complete(done) == 0  # Redis refused the non-local keys; retried
+    for item in done:
+        assert await rc.lrange(keys.reply(item.request_id), 0, -1) == [item.document]
+    assert store.nodes._clients == {}  # the fast path starts afresh
+    assert [s.pending for s in await store.queue_stats()] == [0, 0, 0]
+
+
 async def test_a_stale_owner_on_a_cluster_cannot_ack_and_its_reply_is_written_once(
     rc, keys
 ) -> None:
