@@ -21,7 +21,7 @@ from bales_producer import wire
 
 from .cluster_nodes import NodeClients
 from .replies import Completion
-from .streams import QueueStats, StreamEntry, StreamStore
+from .streams import QueueStats, StreamEntry, StreamStore, complete_on_cluster
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,15 @@ class ShardedStreams:
             )
 
     async def complete(self, completions: list[Completion]) -> int:
-        """Answer and ack, per shard (concurrently); returns how many were stale."""
+        """Answer and ack, per shard (concurrently; on a cluster in two steps for all
+        shards); returns how many were stale."""
+        if not completions:
+            return 0
         by_shard = _group(completions, lambda done: done.shard)
+        if self.nodes is not None:  # a cluster: all shards' replies and acks in two steps
+            return await complete_on_cluster(
+                [(self.stores[shard], part) for shard, part in by_shard.items()]
+            )
         if len(by_shard) == 1:
             ((shard, part),) = by_shard.items()
             return await self.stores[shard].complete(part)

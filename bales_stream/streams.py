@@ -231,6 +231,28 @@ def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+async def complete_on_cluster(parts: list[tuple[StreamStore, list[Completion]]]) -> int:
+    """Complete the entries of one or more shards of a Redis Cluster in two steps in all:
+    every reply, each written once (``StreamStore.write_replies_on_cluster``); then one
+    pipeline with every inbox push and each shard's fenced ack. Returns how many entries were
+    stale (not ours any more)."""
+    first = parts[0][0]
+    everything = [done for _, part in parts for done in part]
+    await first.write_replies_on_cluster(everything)
+    async with first.redis.pipeline() as pipe:
+        # Every inbox is notified, even when its reply key was already written: after a
+        # fault this call is retried whole, and the first attempt may have written the
+        # reply but not reached the inbox. A client may so see a reply twice; it keeps
+        # the first (the reply key holds exactly one).
+        for inbox, documents in _by_inbox(everything).items():
+            pipe.rpush(inbox, *documents)  # one push per client inbox, not per reply
+            pipe.expire(inbox, first.reply_ttl_s)
+        for store, part in parts:
+            store.queue_fenced_ack(pipe, part)
+        results = await pipe.execute()
+    return sum(int(stale) for stale in results[-len(parts) :])
+
+
 def _by_inbox(completions: list[Completion]) -> dict[str, list[bytes]]:
     """The reply documents of each ``reply_to`` inbox, in completion order."""
     inboxes: dict[str, list[bytes]] = {}
@@ -339,23 +361,17 @@ class StreamStore:
         return int(stale)
 
     async def _complete_on_cluster(self, completions: list[Completion]) -> int:
-        """Replies first (each once), then the fenced acks: see ``_REPLY_ONCE_LUA``."""
-        await self._write_replies_on_cluster(completions)
-        async with self.redis.pipeline() as pipe:
-            # Every inbox is notified, even when its reply key was already written: after a
-            # fault this call is retried whole, and the first attempt may have written the
-            # reply but not reached the inbox. A client may so see a reply twice; it keeps
-            # the first (the reply key holds exactly one).
-            for inbox, documents in _by_inbox(completions).items():
-                pipe.rpush(inbox, *documents)  # one push per client inbox, not per reply
-                pipe.expire(inbox, self.reply_ttl_s)
-            streams = [self.keys.stream(done.priority) for done in completions]
-            ids = [done.entry_id for done in completions]
-            pipe.eval(_ACK_OWNED_LUA, len(streams), *streams, self.group, self.consumer, *ids)
-            results = await pipe.execute()
-        return int(results[-1])
+        """Replies first (each once), then the fenced acks: see ``complete_on_cluster``."""
+        return await complete_on_cluster([(self, completions)])
 
-    async def _write_replies_on_cluster(self, completions: list[Completion]) -> None:
+    def queue_fenced_ack(self, pipe: Any, completions: list[Completion]) -> None:
+        """Add to a cluster pipeline the ack of these entries, only those still ours
+        (``_ACK_OWNED_LUA``; its answer is how many were stale)."""
+        streams = [self.keys.stream(done.priority) for done in completions]
+        ids = [done.entry_id for done in completions]
+        pipe.eval(_ACK_OWNED_LUA, len(streams), *streams, self.group, self.consumer, *ids)
+
+    async def write_replies_on_cluster(self, completions: list[Completion]) -> None:
         """Each reply once, in one call per primary for the replies whose slots it owns
         (``_REPLIES_ON_NODE_LUA``, ``cluster_nodes``); after any Redis error, again through
         the cluster client, which follows MOVED/ASK and failovers (harmless: a reply is
@@ -433,7 +449,7 @@ class StreamStore:
         if reply is not None:
             reply_key = self.keys.reply(reply.request_id)
             await self.redis.eval(_REPLY_ONCE_LUA, 1, reply_key, reply.document, self.reply_ttl_s)
-            if reply.reply_to:  # even if written before: see _complete_on_cluster
+            if reply.reply_to:  # even if written before: see complete_on_cluster
                 await self.redis.rpush(reply.reply_to, reply.document)
                 await self.redis.expire(reply.reply_to, self.reply_ttl_s)
         pairs = [item for field in record.items() for item in field]
