@@ -20,6 +20,8 @@ from bales_stream.shards import UNSHARDED
 
 from .conftest import wait_for
 
+STUB_JSON = "[" + ",".join(["0.5"] * 128) + "]"
+
 
 def test_shard_keys_keep_the_v1_names_with_one_shard_and_get_own_hash_tags_with_more() -> None:
     assert KeySpace("bales").stream(0) == "bales:{requests}:p0"
@@ -101,7 +103,7 @@ async def test_a_dead_consumers_entries_on_another_shard_are_reclaimed_and_answe
     for i in range(4):
         await aredis.xadd(
             shard2.stream(0),
-            {"request_id": f"o-{i}", "model_id": "stub_v1", "input": "[" + "0.5," * 127 + "0.5]"},
+            {"request_id": f"o-{i}", "model_id": "stub_v1", "input": STUB_JSON},
         )
     await aredis.xgroup_create(shard2.stream(0), "bales", id="0", mkstream=True)
     await aredis.xreadgroup("bales", "ghost", {shard2.stream(0): ">"}, count=10)
@@ -141,7 +143,7 @@ async def test_producers_that_predate_sharding_are_still_served(
     async with service_factory(shards=3) as svc:
         await aredis.xadd(
             v1.stream(1),
-            {"request_id": "v1-req", "model_id": "stub_v1", "input": "[" + "0.5," * 127 + "0.5]"},
+            {"request_id": "v1-req", "model_id": "stub_v1", "input": STUB_JSON},
         )
         reply = await aredis.blpop([v1.reply("v1-req")], timeout=20)
         async with aiohttp.ClientSession() as http, http.get(f"{svc.base_url}/health") as got:
@@ -150,3 +152,19 @@ async def test_producers_that_predate_sharding_are_still_served(
     v1_rows = [q for q in queues if q["shard"] is None]
     assert [q["stream"] for q in v1_rows] == v1.streams
     assert {q["shard"] for q in queues} == {None, 0, 1, 2}
+
+
+async def test_a_request_past_its_deadline_on_a_shard_is_answered_expired_not_computed(
+    service_factory, aredis: aioredis.Redis, prefix
+) -> None:
+    shard1 = KeySpace(prefix, shards=2).for_shard(1)
+    await aredis.xadd(  # enqueued at ms 1000 of 1970 with a 1 s timeout: long expired
+        shard1.stream(2),
+        {"request_id": "late", "model_id": "stub_v1", "input": STUB_JSON, "timeout_ms": "1000"},
+        id="1000-0",
+    )
+    async with service_factory(shards=2) as svc:
+        reply = await aredis.blpop([shard1.reply("late")], timeout=20)
+        assert svc.worker.metrics.requests.labels("stub_v1", "expired")._value.get() == 1
+    assert reply is not None and b'"code":"expired"' in reply[1]
+    assert (await aredis.xpending(shard1.stream(2), "bales"))["pending"] == 0
