@@ -78,7 +78,8 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_info(settings: Settings, args: argparse.Namespace) -> int:
-    """Print per-priority depth and the group's consumers (``--watch``: over and over)."""
+    """Print per shard and priority depth and the group's consumers (``--watch``: over and
+    over)."""
     if args.watch is None:
         print(asyncio.run(queue_report(settings)))
         return 0
@@ -113,7 +114,11 @@ async def queue_report(settings: Settings) -> str:
         )
         stats = await streams.queue_stats()
         consumers = await _group_consumers(redis_client, settings, streams.all_streams)
-        node_of = _node_finder(redis_client, settings.cluster_mode)
+        nodes = {  # the primary holding each stream (the cluster client's slot map)
+            name: f"  {redis_client.get_node_from_key(name).name}"
+            for name in streams.all_streams
+            if settings.cluster_mode
+        }
     finally:
         await redis_client.aclose()
     width = max(len(name) for name in streams.all_streams) + 2
@@ -128,20 +133,12 @@ async def queue_report(settings: Settings) -> str:
         age = "-" if stat.oldest_age_s is None else f"{stat.oldest_age_s:.1f}s"
         lines.append(
             f"{shard_label(stat.shard):<6}p{stat.priority:<8}{stream:<{width}}"
-            f"{stat.length:>8}{lag!s:>8}{stat.pending:>9}{age:>10}"
-            + (f"  {node_of(stream)}" if settings.cluster_mode else "")
+            f"{stat.length:>8}{lag!s:>8}{stat.pending:>9}{age:>10}" + nodes.get(stream, "")
         )
     lines.append(f"\nconsumers in group {settings.consumer_group!r}: {len(consumers)}")
     for name, entry in sorted(consumers.items()):
         lines.append(f"  {name:<40} pending {entry['pending']:>6}  idle {entry['idle']} ms")
     return "\n".join(lines)
-
-
-def _node_finder(redis_client: Any, cluster: bool) -> Any:
-    """key -> the ``host:port`` of the cluster primary serving it (on a cluster)."""
-    if not cluster:
-        return lambda key: ""
-    return lambda key: redis_client.get_node_from_key(key).name
 
 
 async def _group_consumers(

@@ -244,22 +244,23 @@ async def complete_on_cluster(parts: list[tuple[StreamStore, list[Completion]]])
         # fault this call is retried whole, and the first attempt may have written the
         # reply but not reached the inbox. A client may so see a reply twice; it keeps
         # the first (the reply key holds exactly one).
-        for inbox, documents in _by_inbox(everything).items():
-            pipe.rpush(inbox, *documents)  # one push per client inbox, not per reply
-            pipe.expire(inbox, first.reply_ttl_s)
+        _push_inboxes(pipe, everything, first.reply_ttl_s)
         for store, part in parts:
             store.queue_fenced_ack(pipe, part)
         results = await pipe.execute()
     return sum(int(stale) for stale in results[-len(parts) :])
 
 
-def _by_inbox(completions: list[Completion]) -> dict[str, list[bytes]]:
-    """The reply documents of each ``reply_to`` inbox, in completion order."""
+def _push_inboxes(pipe: Any, completions: list[Completion], ttl_s: int) -> None:
+    """Queue on a pipeline the replies of each ``reply_to`` inbox, one RPUSH per inbox (not
+    per reply), in completion order, and refresh its TTL."""
     inboxes: dict[str, list[bytes]] = {}
     for done in completions:
         if done.reply_to:
             inboxes.setdefault(done.reply_to, []).append(done.document)
-    return inboxes
+    for inbox, documents in inboxes.items():
+        pipe.rpush(inbox, *documents)
+        pipe.expire(inbox, ttl_s)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
@@ -354,15 +355,11 @@ class StreamStore:
         still pending for this consumer. Returns how many were stale (not ours any more)."""
         if not completions:
             return 0
-        if self.cluster:
-            return await self._complete_on_cluster(completions)
+        if self.cluster:  # replies first (each once), then the fenced acks
+            return await complete_on_cluster([(self, completions)])
         keys, args = self._completion_call(completions)
         stale = await self._complete(keys=keys, args=args)
         return int(stale)
-
-    async def _complete_on_cluster(self, completions: list[Completion]) -> int:
-        """Replies first (each once), then the fenced acks: see ``complete_on_cluster``."""
-        return await complete_on_cluster([(self, completions)])
 
     def queue_fenced_ack(self, pipe: Any, completions: list[Completion]) -> None:
         """Add to a cluster pipeline the ack of these entries, only those still ours
@@ -376,6 +373,8 @@ class StreamStore:
         (``_REPLIES_ON_NODE_LUA``, ``cluster_nodes``); after any Redis error, again through
         the cluster client, which follows MOVED/ASK and failovers (harmless: a reply is
         written once either way)."""
+        if not completions:
+            return
         reply_keys = [self.keys.reply(done.request_id) for done in completions]
         assert self.nodes is not None
         groups = self.nodes.group_by_node(reply_keys)
@@ -444,26 +443,25 @@ class StreamStore:
     async def _dead_letter_on_cluster(
         self, entry: StreamEntry, record: dict[Any, Any], reply: Completion | None
     ) -> None:
-        """The reply first (written once), then the dead-letter record and the ack in one
-        script on the queue's hash slot."""
-        if reply is not None:
-            reply_key = self.keys.reply(reply.request_id)
-            await self.redis.eval(_REPLY_ONCE_LUA, 1, reply_key, reply.document, self.reply_ttl_s)
-            if reply.reply_to:  # even if written before: see complete_on_cluster
-                await self.redis.rpush(reply.reply_to, reply.document)
-                await self.redis.expire(reply.reply_to, self.reply_ttl_s)
+        """The reply first (written once), then its inbox push and, in one script on the
+        shard's hash slot, the dead-letter record and the ack."""
+        replies = [] if reply is None else [reply]
+        await self.write_replies_on_cluster(replies)
         pairs = [item for field in record.items() for item in field]
         stream = self.keys.stream(entry.priority)
-        await self.redis.eval(
-            _DEAD_LETTER_LUA,
-            2,
-            self.keys.dead_letter,
-            stream,
-            DEAD_LETTER_MAXLEN,
-            entry.entry_id,
-            self.group,
-            *pairs,
-        )
+        async with self.redis.pipeline() as pipe:
+            _push_inboxes(pipe, replies, self.reply_ttl_s)  # see complete_on_cluster
+            pipe.eval(
+                _DEAD_LETTER_LUA,
+                2,
+                self.keys.dead_letter,
+                stream,
+                DEAD_LETTER_MAXLEN,
+                entry.entry_id,
+                self.group,
+                *pairs,
+            )
+            await pipe.execute()
 
     async def refresh_lease(self, held: list[tuple[int, str]]) -> int:
         """Reset the idle time of entries we hold (priority, entry id) so no other consumer

@@ -176,42 +176,30 @@ async def test_the_service_answers_through_a_cluster_and_reloads_fleet_wide(clus
         await worker.stop()
 
 
-def test_cli_info_works_against_a_cluster(cluster) -> None:
-    prefix = f"c{uuid.uuid4().hex[:8]}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "KEY_"))},
-        "REDIS_URL": cluster.url,
-        "REDIS_CLUSTER": "true",
-        "KEY_PREFIX": prefix,
-    }
-    info = subprocess.run(
+def run_info(prefix: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``bales-stream info`` in a child process with this key prefix and settings."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "KEY_"))}
+    return subprocess.run(
         [sys.executable, "-m", "bales_stream", "info"],
         cwd=ROOT,
-        env=env,
+        env={**clean, "KEY_PREFIX": prefix, **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_cli_info_works_against_a_cluster(cluster) -> None:
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    info = run_info(prefix, REDIS_URL=cluster.url, REDIS_CLUSTER="true")
     assert info.returncode == 0, info.stderr
     assert f"{prefix}:{{requests}}:p0" in info.stdout
 
 
 def test_cli_info_shows_each_shard_and_the_primary_holding_it(cluster) -> None:
     prefix = f"c{uuid.uuid4().hex[:8]}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "KEY_"))},
-        "REDIS_URL": cluster.url.replace("redis://", "redis+cluster://"),
-        "KEY_PREFIX": prefix,
-        "SHARDS": "3",
-    }
-    info = subprocess.run(
-        [sys.executable, "-m", "bales_stream", "info"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    url = cluster.url.replace("redis://", "redis+cluster://")
+    info = run_info(prefix, REDIS_URL=url, SHARDS="3")
     assert info.returncode == 0, info.stderr
     rows = [line.split() for line in info.stdout.splitlines() if f"{prefix}:" in line]
     shards = [*(str(k) for k in range(3)), "v1"]  # the v1 streams are served too

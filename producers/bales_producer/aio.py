@@ -247,7 +247,7 @@ class AsyncClient:
             for name, value in request.fields.items():
                 args += [name, value]
         try:
-            streams = self.core.keys.for_shard(shard).streams
+            streams = self.core.shard_keys[shard].streams
             results = await self._enqueue(keys=streams, args=args)
         except RedisError as exc:
             results = [exc] * len(batch)

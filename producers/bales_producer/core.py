@@ -146,6 +146,7 @@ class ClientCore:
         self.keys = keys or wire.KeySpace()
         self.group = group
         self.gate = BacklogGate(max_backlog)
+        self.shard_keys = [self.keys]
         self.shards_known = shards is not None
         if shards is not None:
             self.use_shards(shards)
@@ -155,6 +156,8 @@ class ClientCore:
         if shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
         self.keys = replace(self.keys, shards=shards, shard=0)
+        # each shard's key space, built once here rather than once per request
+        self.shard_keys = [self.keys.for_shard(k) for k in range(shards)]
         self.shards_known = True
 
     def use_published_shards(self, published: bytes | str | None) -> None:
@@ -201,7 +204,7 @@ class ClientCore:
         if traceparent:
             fields[wire.FIELD_TRACEPARENT] = traceparent
         shard = self.keys.shard_of(request_id)
-        stream = self.keys.for_shard(shard).stream(priority)
+        stream = self.shard_keys[shard].stream(priority)
         return OutgoingRequest(
             request_id, priority, shard, stream, fields, timeout_s + REPLY_GRACE_S
         )
