@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import sys
 import time
 import urllib.error
@@ -79,18 +80,39 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_info(settings: Settings, args: argparse.Namespace) -> int:
     """Print per shard and priority depth and the group's consumers (``--watch``: over and
-    over)."""
+    over until SIGINT or SIGTERM)."""
     if args.watch is None:
         print(asyncio.run(queue_report(settings)))
-        return 0
+    else:
+        asyncio.run(watch_queues(settings, args.watch))
+    return 0
+
+
+async def watch_queues(settings: Settings, interval_s: float) -> None:
+    """Print ``queue_report`` every ``interval_s`` until SIGINT or SIGTERM.
+
+    The signals are handled by the event loop (not as ``KeyboardInterrupt``), so one that
+    lands in the middle of a report, of a Redis call or of a pause ends the watch at once
+    instead of being absorbed by a cancelled Redis call."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    stopped = asyncio.create_task(stop.wait())
     try:
         while True:
-            report = asyncio.run(queue_report(settings))
-            stamp = time.strftime("%H:%M:%S")
-            print(f"\x1b[2J\x1b[H{stamp}  every {args.watch:g} s, Ctrl-C to stop\n\n{report}")
-            time.sleep(args.watch)
-    except KeyboardInterrupt:
-        return 0
+            frame = asyncio.create_task(queue_report(settings))
+            await asyncio.wait([frame, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                frame.cancel()
+                return
+            header = f"{time.strftime('%H:%M:%S')}  every {interval_s:g} s, Ctrl-C to stop"
+            print(f"\x1b[2J\x1b[H{header}\n\n{frame.result()}", flush=True)
+            await asyncio.wait([stopped], timeout=interval_s)
+            if stop.is_set():
+                return
+    finally:
+        stopped.cancel()
 
 
 async def queue_report(settings: Settings) -> str:
@@ -278,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         print(f"bales-stream: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a loop that handles it (e.g. while sending)
+        return 130
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ async def test_sigterm_during_traffic_loses_nothing(
     pipe = sync_redis.pipeline(transaction=False)
     for i in range(total):
         pipe.xadd(
-            keys.stream(i % 3), {"request_id": f"g-{i}", "model_id": "stub_v1", "input": INPUT}
+            keys.stream(i % 3),
+            # a deadline far beyond a slow start-up: the test is about losing nothing
+            {"request_id": f"g-{i}", "model_id": "stub_v1", "input": INPUT, "timeout_ms": "600000"},
         )
     pipe.execute()
     port = free_port()
