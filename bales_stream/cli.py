@@ -50,8 +50,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run the service until SIGTERM/SIGINT."""
     from .service import run_service
 
-    asyncio.run(run_service(settings, demo=args.demo))
-    return 0
+    return asyncio.run(run_service(settings, demo=args.demo))
 
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:

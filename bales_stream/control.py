@@ -5,26 +5,70 @@ only if that works is it recorded in the ``models`` hash (what every consumer sh
 serve) and announced on the ``control`` pub/sub channel. Every consumer listens and swaps
 the same file in between its batches. The hash makes it durable: a consumer that starts
 later, or missed a message while disconnected, syncs from it.
+
+Both are read from Redis, so both are validated (``DesiredModel``, ``ControlMessage``): a
+record or message that is not what a reload writes is logged and skipped, never fatal, at
+start-up or later. Who may write them is a matter of Redis ACLs (docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 
 from .errors import ModelLoadError
 from .metrics import Metrics
+from .model_config import MODEL_ID_PATTERN
 from .registry import ModelRegistry
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 RESUBSCRIBE_BACKOFF_S = 1.0
+MAX_RECORD_BYTES = 4096
+
+
+class DesiredModel(BaseModel):
+    """A record of the models hash: the weights every consumer should serve for a model."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    weights_path: str = Field(min_length=1, max_length=1024)
+    version: str = Field(min_length=1, max_length=200)
+
+
+class ControlMessage(BaseModel):
+    """A message on the control channel: "follow the models hash for this model"."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model_id: str = Field(pattern=MODEL_ID_PATTERN)
+
+
+def parse_record(model_id: bytes | str, raw: bytes | str) -> tuple[str, DesiredModel] | None:
+    """A models-hash field and value as (model_id, record), or None (logged) if either is
+    not what a reload writes."""
+    try:
+        name = ControlMessage(model_id=_text(model_id)).model_id
+        if len(raw) > MAX_RECORD_BYTES:
+            raise ValueError(f"the record has {len(raw)} bytes; at most {MAX_RECORD_BYTES}")
+        return name, DesiredModel.model_validate_json(raw)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        log.warning(
+            "ignoring a malformed record in the models hash (%r): %s",
+            _text(model_id)[:100],
+            str(exc).splitlines()[0][:300],
+        )
+        return None
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class FleetControl:
@@ -38,19 +82,6 @@ class FleetControl:
         self.cluster = settings.cluster_mode
         self.registry = registry
         self.metrics = metrics
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        """Follow announcements (the listener syncs from the hash once subscribed)."""
-        self._task = asyncio.create_task(self._listen(), name="bales-control")
-
-    async def stop(self) -> None:
-        """Stop following announcements."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def reload(self, model_id: str, weights_path: str) -> dict[str, object]:
         """Reload here; if it works, make every consumer follow. Raises ``ModelLoadError``."""
@@ -78,37 +109,42 @@ class FleetControl:
         label = model_id if self.registry.get(model_id) is not None else "unknown"
         try:
             versions = await self.registry.reload(model_id, weights_path)
-        except ModelLoadError:
+        except Exception:
             self.metrics.reloads.labels(label, "failed").inc()
             raise
         self.metrics.reloads.labels(label, "ok").inc()
         return versions
 
     async def sync(self) -> None:
-        """Serve, for every model in the hash, the version the fleet serves."""
+        """Serve, for every model in the hash, the version the fleet serves (malformed
+        records are skipped)."""
         desired = await self.redis.hgetall(self.keys.desired_models)
         for raw_id, raw_record in desired.items():
-            model_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            await self._follow(model_id, json.loads(raw_record))
+            parsed = parse_record(raw_id, raw_record)
+            if parsed is not None:
+                await self._follow(*parsed)
 
-    async def _follow(self, model_id: str, record: dict[str, str]) -> None:
+    async def _follow(self, model_id: str, record: DesiredModel) -> None:
         current = self.registry.get(model_id)
-        if current is None or current.version == record.get("version"):
+        if current is None or current.version == record.version:
             return
         try:
-            old, new = await self._reload(model_id, record["weights_path"])
-        except ModelLoadError as exc:
+            old, new = await self._reload(model_id, record.weights_path)
+        except Exception as exc:  # whatever the record names, the listener stays up
+            message = exc.message if isinstance(exc, ModelLoadError) else repr(exc)
             log.error(
                 "cannot follow the fleet's reload of %s to %s: %s; still serving %s",
                 model_id,
-                record.get("version"),
-                exc.message,
+                record.version,
+                message,
                 current.version,
             )
             return
         log.info("followed the fleet: %s %s -> %s", model_id, old, new)
 
-    async def _listen(self) -> None:
+    async def listen(self) -> None:
+        """Follow announcements until cancelled (resubscribing after a Redis error; the
+        hash is synced after each subscription, for anything missed meanwhile)."""
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:
@@ -123,10 +159,11 @@ class FleetControl:
 
     async def _on_message(self, data: bytes) -> None:
         try:
-            model_id = json.loads(data)["model_id"]
-        except (ValueError, KeyError, TypeError):
+            model_id = ControlMessage.model_validate_json(data[:MAX_RECORD_BYTES]).model_id
+        except ValidationError:
             log.warning("ignoring a malformed control message: %r", data[:200])
             return
         raw = await self.redis.hget(self.keys.desired_models, model_id)
-        if raw is not None:
-            await self._follow(model_id, json.loads(raw))
+        parsed = None if raw is None else parse_record(model_id, raw)
+        if parsed is not None:
+            await self._follow(*parsed)

@@ -32,7 +32,10 @@ class BatchRun:
     """What running a batch gave: groups of requests answered together (with their results,
     in order) and the requests the model raised on, each isolated and with its error."""
 
-    answered: list[tuple[Sequence[Request], list[dict[str, Any]]]] = field(default_factory=list)
+    answered: list[tuple[Sequence[Request], list[dict[str, Any] | None]]] = field(
+        default_factory=list
+    )
+    """None for a request whose output was not finite."""
     failed: list[tuple[Request, Exception]] = field(default_factory=list)
     model_failures: int = 0
 

@@ -125,6 +125,30 @@ class Metrics:
             "Entries taken over from idle consumers (XAUTOCLAIM).",
             registry=self.registry,
         )
+        self.task_restarts = Counter(
+            "bales_task_restarts",
+            "Long-lived tasks (read, batch, lease, reclaim, trim, control, clock) restarted "
+            "after an unexpected exception.",
+            ["task"],
+            registry=self.registry,
+        )
+        self.undeliverable = Counter(
+            "bales_undeliverable_replies",
+            "Replies that could not be written because the reply key or the reply_to inbox "
+            "holds another type (the entry is still acked).",
+            ["key"],
+            registry=self.registry,
+        )
+        self.future_entries = Counter(
+            "bales_future_entries",
+            "Entries whose ID was ahead of Redis's clock when read (enqueue time clamped).",
+            registry=self.registry,
+        )
+        self.contained = Counter(
+            "bales_contained_failures",
+            "Unexpected exceptions on one entry, answered internal or dead-lettered.",
+            registry=self.registry,
+        )
         self._per_priority: dict[int, tuple[Histogram, Histogram, Histogram]] = {}
         self.redis_errors = Counter(
             "bales_redis_errors",

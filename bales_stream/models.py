@@ -83,12 +83,19 @@ class LoadedModel:
         """The id requests use to name this model."""
         return self.spec.model_id
 
-    def predict(self, batch: np.ndarray) -> list[dict[str, Any]]:
+    def predict(self, batch: np.ndarray) -> list[dict[str, Any] | None]:
         """Run a batch through the model and its type's post-processing (in the executor,
-        never on the event loop)."""
+        never on the event loop). A request whose output row is not finite (NaN or
+        infinity: its input overflowed the model's arithmetic) gets None, not a result."""
         with torch.inference_mode():
             outputs = self.module(torch.from_numpy(batch))
-            return self.kind.postprocess(outputs)
+            results: list[dict[str, Any] | None] = list(self.kind.postprocess(outputs))
+            if not bool(torch.isfinite(outputs).all()):  # one check per batch
+                finite = torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
+                results = [
+                    r if ok else None for r, ok in zip(results, finite.tolist(), strict=True)
+                ]
+            return results
 
     def warm_up(self) -> None:
         """Run one dummy batch (of 2, so a model that cannot batch fails here, not later)."""

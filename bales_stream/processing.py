@@ -108,19 +108,25 @@ class BatchProcessor:
         self,
         model: LoadedModel,
         requests: Sequence[Request],
-        results: list[dict[str, Any]],
+        results: list[dict[str, Any] | None],
         times: tuple[float, float, float],
         outcome: Outcome,
     ) -> None:
         started_ms, done_ms, inference_s = times
-        self.metrics.count(model.model_id, wire.STATUS_OK, len(requests))
         self.metrics.batch_size.observe(len(requests))
+        answered = 0
         for request, result in zip(requests, results, strict=True):
-            latency_ms = done_ms - request.enqueued_ms
+            if result is None:
+                outcome.completions.append(_invalid_output(request))
+                self.metrics.count(model.model_id, wire.ERROR_INVALID_OUTPUT)
+                continue
+            answered += 1
+            latency_ms = max(0.0, done_ms - request.enqueued_ms)
+            queued_ms = max(0.0, started_ms - request.enqueued_ms)
             self.metrics.observe_request(
                 request.priority,
                 latency_s=latency_ms / 1000,
-                queued_s=(started_ms - request.enqueued_ms) / 1000,
+                queued_s=queued_ms / 1000,
                 inference_s=inference_s,
             )
             outcome.completions.append(
@@ -129,10 +135,20 @@ class BatchProcessor:
                     model_version=model.version,
                     result=result,
                     batch_size=len(requests),
-                    queued_ms=started_ms - request.enqueued_ms,
+                    queued_ms=queued_ms,
                     latency_ms=latency_ms,
                 )
             )
+        self.metrics.count(model.model_id, wire.STATUS_OK, answered)
+
+
+def _invalid_output(request: Request) -> Completion:
+    return error_completion(
+        request,
+        wire.ERROR_INVALID_OUTPUT,
+        "the model's output for this input is not finite (NaN or infinity): the input is "
+        "probably far outside the range the model works in",
+    )
 
 
 def _last_line(exc: Exception) -> str:

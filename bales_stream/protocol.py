@@ -18,6 +18,25 @@ from bales_producer import wire
 from .errors import RequestRejected, Unanswerable, invalid
 
 MAX_TIMEOUT_MS = 86_400_000
+MAX_FIELD_BYTES = 4096
+"""The largest value of any field but ``input`` (whose limit is ``MAX_INPUT_BYTES``)."""
+MAX_FIELDS = 32
+"""Fields of one entry read at most; the rest are withheld (unknown ones are ignored)."""
+MAX_FIELD_NAME_BYTES = 64
+"""The longest field name read; longer names are withheld."""
+KNOWN_FIELDS = frozenset(
+    name.encode()
+    for name in (
+        wire.FIELD_REQUEST_ID,
+        wire.FIELD_MODEL_ID,
+        wire.FIELD_INPUT,
+        wire.FIELD_ENCODING,
+        wire.FIELD_MODEL_TYPE,
+        wire.FIELD_TIMEOUT_MS,
+        wire.FIELD_REPLY_TO,
+        wire.FIELD_TRACEPARENT,
+    )
+)
 _F32 = np.dtype("<f4")
 
 
@@ -97,18 +116,24 @@ def read_envelope(
     priority: int,
     keys: wire.KeySpace,
     shard: int = 0,
+    withheld: dict[bytes, int] | None = None,
 ) -> Envelope:
-    """Find where to answer an entry, or raise ``Unanswerable`` (dead-letter it)."""
-    if not fields:
-        raise Unanswerable("entry has no fields (deleted from the stream?)")
-    raw_id = fields.get(wire.FIELD_REQUEST_ID.encode())
+    """Find where to answer an entry, or raise ``Unanswerable`` (dead-letter it).
+    ``withheld``: fields too large to be read, name -> size in bytes (see ``scripts``)."""
+    raw_id = (fields or {}).get(wire.FIELD_REQUEST_ID.encode())
     if raw_id is None:
+        size = (withheld or {}).get(wire.FIELD_REQUEST_ID.encode())
+        if size is not None:
+            raise Unanswerable(f"field request_id has {size} bytes: expected 1-128 chars")
+        if not fields and not withheld:
+            raise Unanswerable("entry has no fields (deleted from the stream?)")
         raise Unanswerable("missing field request_id")
     request_id = raw_id.decode("utf-8", "replace")
     if not wire.is_valid_request_id(request_id):
         raise Unanswerable(
             f"request_id {request_id[:140]!r} is invalid: expected 1-128 chars of [A-Za-z0-9._:-]"
         )
+    assert fields is not None
     model_id = fields.get(wire.FIELD_MODEL_ID.encode(), b"").decode("utf-8", "replace")
     reply_to = fields.get(wire.FIELD_REPLY_TO.encode(), b"").decode("utf-8", "replace") or None
     if reply_to is not None and not keys.is_valid_inbox(reply_to):
@@ -117,13 +142,24 @@ def read_envelope(
 
 
 def decode_request(
-    envelope: Envelope, fields: dict[bytes, bytes], lookup: ModelLookup, limits: Limits
+    envelope: Envelope,
+    fields: dict[bytes, bytes],
+    lookup: ModelLookup,
+    limits: Limits,
+    now_ms: float,
+    withheld: dict[bytes, int] | None = None,
 ) -> Request:
-    """Validate an entry's fields against the model it names; raise ``RequestRejected``."""
+    """Validate an entry's fields against the model it names; raise ``RequestRejected``.
+
+    The enqueue time is the entry ID's, but never later than ``now_ms`` (Redis's clock as
+    the consumer reads the entry): an ID set ahead of the clock (XADD with an explicit ID)
+    cannot make a request wait negative time or outlive its deadline."""
+    if withheld:
+        _refuse_withheld(withheld, limits)
     if fields.get(wire.FIELD_REPLY_TO.encode()) and envelope.reply_to is None:
         raise invalid("field reply_to must name an inbox key '<prefix>:inbox:<name>'")
     spec = _model_spec(envelope.model_id, fields, lookup)
-    enqueued_ms = entry_time_ms(envelope.entry_id)
+    enqueued_ms = min(entry_time_ms(envelope.entry_id), int(now_ms))
     deadline_ms = enqueued_ms + _timeout_ms(fields, limits)
     inputs = _inputs(fields, spec, limits)
     return Request(
@@ -138,6 +174,20 @@ def decode_request(
         traceparent=_traceparent(fields),
         shard=envelope.shard,
     )
+
+
+def _refuse_withheld(withheld: dict[bytes, int], limits: Limits) -> None:
+    """Refuse a request one of whose known fields was too large (or beyond the field
+    count) to be read; withheld unknown fields are ignored, like every unknown field."""
+    for name, size in withheld.items():
+        if name == wire.FIELD_INPUT.encode():
+            raise invalid(f"input has {size} bytes; the limit is {limits.max_input_bytes}")
+        if name in KNOWN_FIELDS:
+            raise invalid(
+                f"field {name.decode()} has {size} bytes and was not read: fields other than "
+                f"input hold at most {MAX_FIELD_BYTES} bytes, and an entry at most "
+                f"{MAX_FIELDS} fields"
+            )
 
 
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -171,7 +221,8 @@ def _timeout_ms(fields: dict[bytes, bytes], limits: Limits) -> int:
     text = _text(fields, wire.FIELD_TIMEOUT_MS)
     if text is None or text == "":
         return limits.default_timeout_ms
-    if not text.isdigit() or not 1 <= int(text) <= MAX_TIMEOUT_MS:
+    # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() refuses
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_TIMEOUT_MS):
         raise invalid(
             f"timeout_ms {text[:40]!r} is invalid: expected an integer from 1 to {MAX_TIMEOUT_MS}"
         )

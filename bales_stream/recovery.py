@@ -1,6 +1,7 @@
 """Upkeep that makes at-least-once delivery work: leases, reclaiming, trimming.
 
-Three periodic loops, each tolerant of Redis errors (logged, counted, retried next tick):
+Three periodic loops (run by the worker's ``Supervisor``), each tolerant of Redis errors
+(logged, counted, retried next tick):
 
 * lease: every ``CLAIM_IDLE_MS / 3`` the worker resets the idle time of every entry it holds
   (read but not yet answered), so a slow batch or a deep buffer is never reclaimed by
@@ -15,7 +16,6 @@ Three periodic loops, each tolerant of Redis errors (logged, counted, retried ne
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -50,33 +50,20 @@ class Recovery:
         self._held = held
         self._admit = admit
         self._give_up = give_up
-        self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self._cursors = {
             (shard, priority): "0-0"
             for shard in streams.stores
             for priority in range(settings.priority_levels)
         }
 
-    def start(self) -> None:
-        """Start the three loops."""
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The three loops by task name, for the supervisor to run."""
         idle_s = self.settings.claim_idle_ms / 1000
-        self._tasks = [
-            asyncio.create_task(self._every(idle_s / 3, self.refresh_lease), name="bales-lease"),
-            asyncio.create_task(self._every(idle_s / 2, self.reclaim), name="bales-reclaim"),
-            asyncio.create_task(
-                self._every(self.settings.trim_interval_s, self.trim), name="bales-trim"
-            ),
-        ]
-
-    async def stop(self) -> None:
-        """Stop the loops (after the current tick)."""
-        self._stopping.set()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        return {
+            "lease": lambda: self._every(idle_s / 3, self.refresh_lease),
+            "reclaim": lambda: self._every(idle_s / 2, self.reclaim),
+            "trim": lambda: self._every(self.settings.trim_interval_s, self.trim),
+        }
 
     async def refresh_lease(self) -> None:
         """Reset the idle time of everything this worker holds."""
@@ -116,12 +103,8 @@ class Recovery:
             log.debug("trimmed %d answered entries", trimmed)
 
     async def _every(self, interval_s: float, tick: Callable[[], Awaitable[None]]) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval_s):
-                    await self._stopping.wait()
-            if self._stopping.is_set():
-                return
+        while True:
+            await asyncio.sleep(interval_s)
             try:
                 async with bounded(self.settings.redis_timeout_s):
                     await tick()

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import random
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -59,8 +60,14 @@ def connect(url: str, *, cluster: bool = False) -> Any:
     return aioredis.Redis.from_url(url, **options)
 
 
-async def run_service(settings: Settings, *, demo: bool = False) -> None:
-    """Run until SIGTERM/SIGINT, then stop gracefully."""
+EXIT_TASK_FAILED = 3
+"""Exit status when a long-lived task could not stay up (see ``supervisor``)."""
+
+
+async def run_service(settings: Settings, *, demo: bool = False) -> int:
+    """Run until SIGTERM/SIGINT, then stop gracefully (exit status 0); or until a
+    long-lived task cannot stay up, then drain and return ``EXIT_TASK_FAILED`` so that the
+    orchestrator restarts the process."""
     url, embedded = await resolve_redis_url(settings)
     redis = connect(url, cluster=settings.cluster_mode)
     worker = Worker(settings, redis, Metrics())
@@ -75,14 +82,19 @@ async def run_service(settings: Settings, *, demo: bool = False) -> None:
         settings.consumer_group,
         settings.consumer_name,
     )
+    status = 0
     try:
         await sidecar.start()
         if await _start_unless_stopped(worker, stop):
             demo_task = asyncio.create_task(run_demo(url, settings)) if demo else None
-            await stop.wait()
+            await _first(stop.wait(), worker.failed.wait())
             if demo_task is not None:
                 demo_task.cancel()
-            log.info("stop requested: draining")
+            if worker.failed.is_set():
+                log.critical("a task could not stay up (see above): draining, then exiting")
+                status = EXIT_TASK_FAILED
+            else:
+                log.info("stop requested: draining")
             await worker.stop()
     finally:
         await sidecar.stop()
@@ -90,6 +102,15 @@ async def run_service(settings: Settings, *, demo: bool = False) -> None:
         if embedded is not None:
             embedded.stop()
     log.info("bales-stream stopped")
+    return status
+
+
+async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until the first of ``waits`` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
 
 
 async def _start_unless_stopped(worker: Worker, stop: asyncio.Event) -> bool:

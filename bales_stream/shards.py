@@ -21,7 +21,7 @@ from bales_producer import wire
 
 from .cluster_nodes import NodeClients
 from .replies import Completion
-from .streams import QueueStats, StreamEntry, StreamStore, complete_on_cluster
+from .streams import Completed, QueueStats, StreamEntry, StreamStore, complete_on_cluster
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class ShardedStreams:
         consumer: str,
         reply_ttl_s: int,
         cluster: bool = False,
+        max_input_bytes: int = 1_048_576,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -59,6 +60,7 @@ class ShardedStreams:
                 cluster=cluster,
                 nodes=self.nodes,
                 shard=shard,
+                max_input_bytes=max_input_bytes,
             )
             for shard, space in serving_plan(keys, shards).items()
         }
@@ -95,11 +97,11 @@ class ShardedStreams:
                 self.keys.shard_count,
             )
 
-    async def complete(self, completions: list[Completion]) -> int:
+    async def complete(self, completions: list[Completion]) -> Completed:
         """Answer and ack, per shard (concurrently; on a cluster in two steps for all
-        shards); returns how many were stale."""
+        shards)."""
         if not completions:
-            return 0
+            return Completed()
         by_shard = _group(completions, lambda done: done.shard)
         if self.nodes is not None:  # a cluster: all shards' replies and acks in two steps
             return await complete_on_cluster(
@@ -108,16 +110,16 @@ class ShardedStreams:
         if len(by_shard) == 1:
             ((shard, part),) = by_shard.items()
             return await self.stores[shard].complete(part)
-        stale = await asyncio.gather(
+        done = await asyncio.gather(
             *(self.stores[shard].complete(part) for shard, part in by_shard.items())
         )
-        return sum(stale)
+        return sum(done, Completed())
 
     async def dead_letter(
         self, entry: StreamEntry, reason: str, reply: Completion | None = None
-    ) -> None:
+    ) -> bool:
         """Dead-letter an entry on its own shard (see ``StreamStore.dead_letter``)."""
-        await self.stores[entry.shard].dead_letter(entry, reason, reply)
+        return await self.stores[entry.shard].dead_letter(entry, reason, reply)
 
     async def refresh_lease(self, held: list[Held]) -> int:
         """Refresh the lease of every held entry, per shard; returns how many are lost."""

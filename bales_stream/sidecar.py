@@ -83,6 +83,8 @@ async def health(request: web.Request) -> web.Response:
         },
         "queues": queues,
         "batcher": {"waiting": len(worker.batcher)},
+        "tasks": worker.supervisor.report(),
+        "problems": worker.status.task_problems,
     }
     return web.json_response(body)
 
@@ -101,7 +103,7 @@ async def ready(request: web.Request) -> web.Response:
             ("shutting down", status.stopping),
         )
         if failing
-    ]
+    ] + status.task_problems
     return web.json_response({"ready": False, "reasons": reasons}, status=503)
 
 

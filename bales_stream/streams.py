@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from bales_producer import wire
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import scripts
 from .cluster_nodes import NodeClients
-from .protocol import entry_time_ms
+from .protocol import MAX_FIELD_BYTES, MAX_FIELD_NAME_BYTES, MAX_FIELDS, entry_time_ms
 from .replies import Completion
 
 log = logging.getLogger(__name__)
@@ -31,153 +31,63 @@ DEAD_LETTER_MAXLEN = 100_000
 """Approximate cap of the dead-letter stream (it is not a request stream, so trimming loses
 no accepted request; it only forgets the oldest diagnostics)."""
 
-# KEYS, per completed entry i: stream, reply key, inbox key (the reply key again if none).
-# ARGV: group, consumer, ttl_s, then per entry: entry id, document, "1" if the inbox is used.
-_COMPLETE_LUA = """
-local group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3]
-local stale = 0
-for i = 1, #KEYS / 3 do
-  local stream, reply, inbox = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local id, doc, notify = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
-  local owned = redis.call('XPENDING', stream, group, id, id, 1, consumer)
-  if #owned == 1 then
-    if redis.call('EXISTS', reply) == 0 then
-      redis.call('RPUSH', reply, doc)
-      redis.call('EXPIRE', reply, ttl)
-      if notify == '1' then
-        redis.call('RPUSH', inbox, doc)
-        redis.call('EXPIRE', inbox, ttl)
-      end
-    end
-    redis.call('XACK', stream, group, id)
-  else
-    stale = stale + 1
-  end
-end
-return stale
-"""
-
-
-# Redis Cluster: a reply key has its own hash slot, so one script cannot write it and ack its
-# entry. There, replies are written first, each at most once (_REPLY_ONCE_LUA, sent with EVAL:
-# cluster pipelines refuse EVALSHA), then each entry is acked only if still pending for this
-# consumer (_ACK_OWNED_LUA: the request streams share one hash tag). Nothing is lost (a reply
-# precedes its ack), and a reply is still written once; what is weaker than on one node is
-# the fence: a stale owner's reply can land before the new owner's (both are answers to the
-# same request; only the first is kept) and its ack is still refused and counted.
-_REPLY_ONCE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-# The fast path of the same, per primary: every reply whose key that primary owns, each
-# written once, in one call. The reply keys come in ARGV, not KEYS: declared keys must share
-# one slot, and each reply key has its own. The allow-cross-slot-keys flag (Redis 7) lets one
-# script touch keys of several slots of its own node; a key the node does not own (a slot
-# moved, a failover) is refused ("non local key") and the caller falls back to the cluster
-# client, which follows the redirect. ARGV: ttl_s, then reply key, document pairs.
-_REPLIES_ON_NODE_LUA = """#!lua flags=allow-cross-slot-keys
-local ttl, written = ARGV[1], 0
-for i = 2, #ARGV, 2 do
-  if redis.call('EXISTS', ARGV[i]) == 0 then
-    redis.call('RPUSH', ARGV[i], ARGV[i + 1])
-    redis.call('EXPIRE', ARGV[i], ttl)
-    written = written + 1
-  end
-end
-return written
-"""
-_REPLIES_ON_NODE_SHA = hashlib.sha1(_REPLIES_ON_NODE_LUA.encode()).hexdigest()
-
-_ACK_OWNED_LUA = """
-local group, consumer = ARGV[1], ARGV[2]
-local stale = 0
-for i = 1, #KEYS do
-  local id = ARGV[i + 2]
-  if #redis.call('XPENDING', KEYS[i], group, id, id, 1, consumer) == 1 then
-    redis.call('XACK', KEYS[i], group, id)
-  else
-    stale = stale + 1
-  end
-end
-return stale
-"""
-
-# Cluster dead-lettering: KEYS dead stream, request stream; ARGV maxlen, entry id, group, then
-# the record's field/value pairs. Both keys carry the queue's hash tag.
-_DEAD_LETTER_LUA = """
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 4))
-redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
-return 1
-"""
-
-
-# Prioritised read: KEYS are the request streams, highest priority first.
-# ARGV: group, consumer, count, share. Every lower level first gets up to `share` entries (so a
-# flood of p0 cannot starve it), then the rest of `count` is filled strictly by priority.
-_READ_LUA = """
-local group, consumer = ARGV[1], ARGV[2]
-local count, share = tonumber(ARGV[3]), tonumber(ARGV[4])
-local out, got = {}, 0
-local function take(level, n)
-  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n,
-                       'STREAMS', KEYS[level], '>')
-  if r then
-    out[#out + 1] = {level - 1, r[1][2]}
-    got = got + #r[1][2]
-  end
-end
-for level = 2, #KEYS do take(level, share) end
-for level = 1, #KEYS do
-  if got >= count then break end
-  take(level, count - got)
-end
-return out
-"""
-
-
-# Lease refresh, fenced: KEYS[i] is the stream of entry ARGV[i + 2]. Resets the idle time of
-# each entry still pending for this consumer (XCLAIM ... JUSTID does not count a delivery);
-# never takes back an entry another consumer has claimed. Returns how many another consumer
-# holds now (entries acked meanwhile are simply skipped).
-_LEASE_LUA = """
-local group, consumer = ARGV[1], ARGV[2]
-local lost = 0
-for i = 1, #KEYS do
-  local id = ARGV[i + 2]
-  local entry = redis.call('XPENDING', KEYS[i], group, id, id, 1)
-  if #entry == 1 then
-    if entry[1][2] == consumer then
-      redis.call('XCLAIM', KEYS[i], group, consumer, 0, id, 'JUSTID')
-    else
-      lost = lost + 1
-    end
-  end
-end
-return lost
-"""
-
-
-# Forget this consumer only if it has no pending entry on any request stream.
-_FORGET_LUA = """
-for i = 1, #KEYS do
-  if #redis.call('XPENDING', KEYS[i], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
-end
-for i = 1, #KEYS do redis.call('XGROUP', 'DELCONSUMER', KEYS[i], ARGV[1], ARGV[2]) end
-return 1
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
-    """One entry read from a request stream (``fields`` is None for a deleted entry)."""
+    """One entry read from a request stream (``fields`` is None for a deleted entry).
+
+    ``withheld``: fields too large (or too many) to be read, by name, with their size in
+    bytes; their values never reach the consumer (see ``scripts``)."""
 
     priority: int
     entry_id: str
     fields: dict[bytes, bytes] | None
     shard: int = 0
+    withheld: dict[bytes, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """What one completion call did besides answering: entries that were not ours any more
+    (stale), and replies skipped because the reply key or the inbox holds another type."""
+
+    stale: int = 0
+    bad_reply_keys: int = 0
+    bad_inboxes: int = 0
+
+    def __add__(self, other: Completed) -> Completed:
+        return Completed(
+            self.stale + other.stale,
+            self.bad_reply_keys + other.bad_reply_keys,
+            self.bad_inboxes + other.bad_inboxes,
+        )
+
+
+PERMANENT_ERRORS = ("WRONGTYPE", "ERR", "NOPERM", "NOSCRIPT")
+"""Prefixes of Redis errors that retrying the same command cannot cure (a key of another
+type, a script error, a missing permission). Others (LOADING, BUSY, READONLY, OOM,
+MASTERDOWN, TRYAGAIN, CLUSTERDOWN, NOGROUP, connection errors, timeouts) may go away."""
+
+
+def is_permanent(exc: RedisError) -> bool:
+    """True when retrying the command that raised ``exc`` is pointless."""
+    return isinstance(exc, ResponseError) and str(exc).startswith(PERMANENT_ERRORS)
+
+
+def bound_fields(
+    fields: dict[bytes, bytes], max_input_bytes: int
+) -> tuple[dict[bytes, bytes], dict[bytes, int] | None]:
+    """The Python twin of ``scripts._BOUND``, for entries the blocking read brought whole:
+    (kept fields, withheld name -> size)."""
+    kept: dict[bytes, bytes] = {}
+    withheld: dict[bytes, int] = {}
+    for name, value in fields.items():
+        limit = max_input_bytes if name == b"input" else MAX_FIELD_BYTES
+        if len(name) > MAX_FIELD_NAME_BYTES or len(value) > limit or len(kept) >= MAX_FIELDS:
+            withheld[name[:MAX_FIELD_NAME_BYTES]] = len(value)
+        else:
+            kept[name] = value
+    return kept, withheld or None
 
 
 @dataclass(frozen=True)
@@ -231,40 +141,45 @@ def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def complete_on_cluster(parts: list[tuple[StreamStore, list[Completion]]]) -> int:
+async def complete_on_cluster(parts: list[tuple[StreamStore, list[Completion]]]) -> Completed:
     """Complete the entries of one or more shards of a Redis Cluster in two steps in all:
     every reply, each written once (``StreamStore.write_replies_on_cluster``); then one
-    pipeline with every inbox push and each shard's fenced ack. Returns how many entries were
-    stale (not ours any more)."""
+    pipeline with every inbox push and each shard's fenced ack."""
     first = parts[0][0]
     everything = [done for _, part in parts for done in part]
-    await first.write_replies_on_cluster(everything)
+    bad_reply_keys = await first.write_replies_on_cluster(everything)
     async with first.redis.pipeline() as pipe:
         # Every inbox is notified, even when its reply key was already written: after a
         # fault this call is retried whole, and the first attempt may have written the
         # reply but not reached the inbox. A client may so see a reply twice; it keeps
         # the first (the reply key holds exactly one).
-        _push_inboxes(pipe, everything, first.reply_ttl_s)
+        inboxes = _push_inboxes(pipe, everything, first.reply_ttl_s)
         for store, part in parts:
             store.queue_fenced_ack(pipe, part)
         results = await pipe.execute()
-    return sum(int(stale) for stale in results[-len(parts) :])
+    return Completed(
+        stale=sum(int(stale) for stale in results[inboxes:]),
+        bad_reply_keys=bad_reply_keys,
+        bad_inboxes=sum(1 for pushed in results[:inboxes] if not int(pushed)),
+    )
 
 
-def _push_inboxes(pipe: Any, completions: list[Completion], ttl_s: int) -> None:
-    """Queue on a pipeline the replies of each ``reply_to`` inbox, one RPUSH per inbox (not
-    per reply), in completion order, and refresh its TTL."""
+def _push_inboxes(pipe: Any, completions: list[Completion], ttl_s: int) -> int:
+    """Queue on a pipeline the replies of each ``reply_to`` inbox, one push per inbox (not
+    per reply), in completion order, each refreshing its TTL and skipping an inbox of another
+    type (``scripts.PUSH_INBOX_LUA``). Returns how many calls were queued."""
     inboxes: dict[str, list[bytes]] = {}
     for done in completions:
         if done.reply_to:
             inboxes.setdefault(done.reply_to, []).append(done.document)
     for inbox, documents in inboxes.items():
-        pipe.rpush(inbox, *documents)
-        pipe.expire(inbox, ttl_s)
+        pipe.eval(scripts.PUSH_INBOX_LUA, 1, inbox, ttl_s, *documents)
+    return len(inboxes)
 
 
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    """A flat ``[field, value, ...]`` list (as Lua returns it) as a dict."""
+def _pairs(flat: list[Any]) -> dict[Any, Any]:
+    """A flat ``[name, value, ...]`` list (as Lua returns it) as a dict (a name given twice:
+    the last value counts, as with redis-py's own XREADGROUP parsing)."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
@@ -282,9 +197,11 @@ class StreamStore:
         cluster: bool = False,
         nodes: NodeClients | None = None,
         shard: int | None = None,
+        max_input_bytes: int = 1_048_576,
     ) -> None:
         """``nodes``: the per-primary clients of a cluster (shared by a consumer's shards);
-        ``shard``: the id its entries carry (default ``keys.shard``)."""
+        ``shard``: the id its entries carry (default ``keys.shard``); ``max_input_bytes``:
+        the largest ``input`` a read transfers (larger ones are withheld)."""
         self.redis = redis
         self.cluster = cluster
         self.nodes = (nodes or NodeClients(redis)) if cluster else None
@@ -293,11 +210,15 @@ class StreamStore:
         self.group = group
         self.consumer = consumer
         self.reply_ttl_s = reply_ttl_s
+        self.max_input_bytes = max_input_bytes
+        self._limits = [max_input_bytes, MAX_FIELD_BYTES, MAX_FIELDS, MAX_FIELD_NAME_BYTES]
         self._priority_of = {key.encode(): p for p, key in enumerate(keys.streams)}
-        self._complete = redis.register_script(_COMPLETE_LUA)
-        self._read = redis.register_script(_READ_LUA)
-        self._lease = redis.register_script(_LEASE_LUA)
-        self._forget = redis.register_script(_FORGET_LUA)
+        self._complete = redis.register_script(scripts.COMPLETE_LUA)
+        self._read = redis.register_script(scripts.READ_LUA)
+        self._read_own = redis.register_script(scripts.READ_OWN_PENDING_LUA)
+        self._reclaim = redis.register_script(scripts.RECLAIM_LUA)
+        self._lease = redis.register_script(scripts.LEASE_LUA)
+        self._forget = redis.register_script(scripts.FORGET_LUA)
         self._backlog = True  # start with the prioritised read: there may be a backlog
 
     async def ensure_groups(self) -> None:
@@ -310,71 +231,90 @@ class StreamStore:
                     raise
 
     async def read(self, count: int, share: int, block_ms: int) -> list[StreamEntry]:
-        """Read new entries. While the streams have a backlog (the last read came back full),
-        take up to ``count`` by the priority rule in one round trip (``_READ_LUA``); else,
-        or when that finds nothing, block up to ``block_ms`` on every stream at once."""
+        """Read new entries. While the streams may have a backlog, take up to ``count`` by
+        the priority rule in one round trip, sizes checked in Redis (``scripts.READ_LUA``);
+        when that finds nothing, block up to ``block_ms`` on every stream at once for ONE
+        entry (a blocking read cannot run in a script, so it transfers its entry whole: one,
+        not ``count``), then go back to the bounded read for whatever else has arrived."""
         entries = await self._read_prioritised(count, share) if self._backlog else []
-        if not entries:
-            streams: dict[Any, Any] = dict.fromkeys(self.keys.streams, ">")
-            blocked = await self.redis.xreadgroup(
-                self.group, self.consumer, streams, count=count, block=block_ms
-            )
-            entries = self._entries(blocked)
-        self._backlog = len(entries) >= count
+        if entries:
+            self._backlog = len(entries) >= count
+            return entries
+        streams: dict[Any, Any] = dict.fromkeys(self.keys.streams, ">")
+        blocked = await self.redis.xreadgroup(
+            self.group, self.consumer, streams, count=1, block=block_ms
+        )
+        entries = self._bounded_entries(blocked)
+        self._backlog = bool(entries)
         return entries
 
     async def _read_prioritised(self, count: int, share: int) -> list[StreamEntry]:
         response = await self._read(
-            keys=self.keys.streams, args=[self.group, self.consumer, count, share]
+            keys=self.keys.streams, args=[*self._limits, self.group, self.consumer, count, share]
         )
-        return [
-            StreamEntry(priority, entry_id.decode(), _pairs(flat), self.shard)
-            for priority, items in response
-            for entry_id, flat in items
-        ]
+        return self._from_script(response)
+
+    def _from_script(self, response: Any) -> list[StreamEntry]:
+        """Entries as the read scripts return them: ``{{level, {{id, kept, withheld}}}}``."""
+        return [self._entry(priority, raw) for priority, items in response or [] for raw in items]
+
+    def _entry(self, priority: int, raw: list[Any]) -> StreamEntry:
+        entry_id, kept, withheld = raw
+        return StreamEntry(
+            priority,
+            _text(entry_id),
+            None if kept is None else _pairs(kept),
+            self.shard,
+            _pairs(withheld) or None,
+        )
 
     async def read_own_pending(self, after: dict[int, str], count: int) -> list[StreamEntry]:
         """Our own pending entries (delivered to us, never acked) after the given IDs, per
-        priority; used once at start so a restarted consumer answers what it had taken."""
-        streams: dict[Any, Any] = {
-            self.keys.stream(p): after.get(p, "0") for p in range(self.keys.priority_levels)
-        }
-        response = await self.redis.xreadgroup(self.group, self.consumer, streams, count=count)
-        return self._entries(response)
+        priority, sizes checked in Redis; used when a read loop starts, so a restarted
+        consumer answers what it had taken."""
+        afters = [after.get(p, "0") for p in range(self.keys.priority_levels)]
+        response = await self._read_own(
+            keys=self.keys.streams, args=[*self._limits, self.group, self.consumer, count, *afters]
+        )
+        return self._from_script(response)
 
-    def _entries(self, response: Any) -> list[StreamEntry]:
+    def _bounded_entries(self, response: Any) -> list[StreamEntry]:
+        """Entries of a plain XREADGROUP reply, bounded as the scripts bound them."""
         entries = []
         for stream, items in response or []:
             priority = self._priority_of[stream]
             for entry_id, fields in items:
-                entries.append(StreamEntry(priority, entry_id.decode(), fields or None, self.shard))
+                kept, withheld = bound_fields(fields or {}, self.max_input_bytes)
+                entries.append(
+                    StreamEntry(priority, _text(entry_id), kept or None, self.shard, withheld)
+                )
         return entries
 
-    async def complete(self, completions: list[Completion]) -> int:
-        """Write each reply (only if absent) and ack its entry, atomically, only for entries
-        still pending for this consumer. Returns how many were stale (not ours any more)."""
+    async def complete(self, completions: list[Completion]) -> Completed:
+        """Write each reply (only if its key is empty) and ack its entry, atomically, only
+        for entries still pending for this consumer (``scripts.COMPLETE_LUA``)."""
         if not completions:
-            return 0
+            return Completed()
         if self.cluster:  # replies first (each once), then the fenced acks
             return await complete_on_cluster([(self, completions)])
         keys, args = self._completion_call(completions)
-        stale = await self._complete(keys=keys, args=args)
-        return int(stale)
+        stale, bad_reply_keys, bad_inboxes = await self._complete(keys=keys, args=args)
+        return Completed(int(stale), int(bad_reply_keys), int(bad_inboxes))
 
     def queue_fenced_ack(self, pipe: Any, completions: list[Completion]) -> None:
         """Add to a cluster pipeline the ack of these entries, only those still ours
-        (``_ACK_OWNED_LUA``; its answer is how many were stale)."""
+        (``scripts.ACK_OWNED_LUA``; its answer is how many were stale)."""
         streams = [self.keys.stream(done.priority) for done in completions]
         ids = [done.entry_id for done in completions]
-        pipe.eval(_ACK_OWNED_LUA, len(streams), *streams, self.group, self.consumer, *ids)
+        pipe.eval(scripts.ACK_OWNED_LUA, len(streams), *streams, self.group, self.consumer, *ids)
 
-    async def write_replies_on_cluster(self, completions: list[Completion]) -> None:
+    async def write_replies_on_cluster(self, completions: list[Completion]) -> int:
         """Each reply once, in one call per primary for the replies whose slots it owns
-        (``_REPLIES_ON_NODE_LUA``, ``cluster_nodes``); after any Redis error, again through
-        the cluster client, which follows MOVED/ASK and failovers (harmless: a reply is
-        written once either way)."""
+        (``scripts.REPLIES_ON_NODE_LUA``, ``cluster_nodes``); after any Redis error, again
+        through the cluster client, which follows MOVED/ASK and failovers (harmless: a reply
+        is written once either way). Returns how many reply keys held another type."""
         if not completions:
-            return
+            return 0
         reply_keys = [self.keys.reply(done.request_id) for done in completions]
         assert self.nodes is not None
         groups = self.nodes.group_by_node(reply_keys)
@@ -387,25 +327,26 @@ class StreamStore:
         )
         errors = [e for e in outcomes if isinstance(e, BaseException)]
         if not errors:
-            return
+            return sum(int(bad) for bad in outcomes if isinstance(bad, int))
         if not all(isinstance(e, RedisError) for e in errors):
             raise errors[0]
         log.info("writing replies per primary failed (%s); using the cluster client", errors[0])
         await self.nodes.reset()
         async with self.redis.pipeline() as pipe:
             for reply_key, done in zip(reply_keys, completions, strict=True):
-                pipe.eval(_REPLY_ONCE_LUA, 1, reply_key, done.document, self.reply_ttl_s)
-            await pipe.execute()
+                pipe.eval(scripts.REPLY_ONCE_LUA, 1, reply_key, done.document, self.reply_ttl_s)
+            written = await pipe.execute()
+        return sum(1 for outcome in written if int(outcome) < 0)
 
     async def _write_replies_on_node(
         self, node: str, indexes: list[int], reply_keys: list[str], completions: list[Completion]
-    ) -> None:
+    ) -> int:
         assert self.nodes is not None
-        client = await self.nodes.client(node, [_REPLIES_ON_NODE_LUA])
+        client = await self.nodes.client(node, [scripts.REPLIES_ON_NODE_LUA])
         pairs: list[Any] = []
         for i in indexes:
             pairs += [reply_keys[i], completions[i].document]
-        await client.evalsha(_REPLIES_ON_NODE_SHA, 0, self.reply_ttl_s, *pairs)
+        return int(await client.evalsha(scripts.REPLIES_ON_NODE_SHA, 0, self.reply_ttl_s, *pairs))
 
     def _completion_call(self, completions: list[Completion]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
@@ -418,9 +359,12 @@ class StreamStore:
 
     async def dead_letter(
         self, entry: StreamEntry, reason: str, reply: Completion | None = None
-    ) -> None:
+    ) -> bool:
         """Move an entry to the dead-letter stream (with the reason) and ack it, in one
-        transaction; with ``reply``, its client's error reply is written in the same step."""
+        transaction; with ``reply``, its client's error reply is written in the same step.
+        The record is bounded: the fields as read (withheld ones as ``size:<name>``, their
+        size in bytes). Returns False when the dead-letter stream could not take the record
+        (a key of another type): the entry is acked all the same, never retried forever."""
         record: dict[Any, Any] = {
             "reason": reason,
             "stream": self.keys.stream(entry.priority),
@@ -428,9 +372,10 @@ class StreamStore:
         }
         for name, value in (entry.fields or {}).items():
             record[b"field:" + name] = value
+        for name, size in (entry.withheld or {}).items():
+            record[b"size:" + name] = size
         if self.cluster:
-            await self._dead_letter_on_cluster(entry, record, reply)
-            return
+            return await self._dead_letter_on_cluster(entry, record, reply)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.dead_letter, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
             if reply is None:
@@ -438,11 +383,14 @@ class StreamStore:
             else:
                 keys, args = self._completion_call([reply])
                 await self._complete(keys=keys, args=args, client=pipe)
-            await pipe.execute()
+            added, acked = await pipe.execute(raise_on_error=False)
+        if isinstance(acked, Exception):
+            raise acked
+        return not isinstance(added, Exception)
 
     async def _dead_letter_on_cluster(
         self, entry: StreamEntry, record: dict[Any, Any], reply: Completion | None
-    ) -> None:
+    ) -> bool:
         """The reply first (written once), then its inbox push and, in one script on the
         shard's hash slot, the dead-letter record and the ack."""
         replies = [] if reply is None else [reply]
@@ -452,7 +400,7 @@ class StreamStore:
         async with self.redis.pipeline() as pipe:
             _push_inboxes(pipe, replies, self.reply_ttl_s)  # see complete_on_cluster
             pipe.eval(
-                _DEAD_LETTER_LUA,
+                scripts.DEAD_LETTER_LUA,
                 2,
                 self.keys.dead_letter,
                 stream,
@@ -461,7 +409,8 @@ class StreamStore:
                 self.group,
                 *pairs,
             )
-            await pipe.execute()
+            results = await pipe.execute()
+        return bool(int(results[-1]))
 
     async def refresh_lease(self, held: list[tuple[int, str]]) -> int:
         """Reset the idle time of entries we hold (priority, entry id) so no other consumer
@@ -476,21 +425,15 @@ class StreamStore:
 
     async def reclaim(self, priority: int, cursor: str, min_idle_ms: int, count: int) -> Reclaimed:
         """XAUTOCLAIM entries idle for ``min_idle_ms`` (a dead or stuck consumer's) from
-        ``cursor``; entries deleted meanwhile are dropped from the pending list by Redis."""
-        stream = self.keys.stream(priority)
-        next_cursor, items, *_ = await self.redis.xautoclaim(
-            stream, self.group, self.consumer, min_idle_ms, cursor, count=count
+        ``cursor``, sizes checked in Redis, with each one's delivery count
+        (``scripts.RECLAIM_LUA``); entries deleted meanwhile are dropped by Redis."""
+        next_cursor, items, deliveries = await self._reclaim(
+            keys=[self.keys.stream(priority)],
+            args=[*self._limits, self.group, self.consumer, min_idle_ms, cursor, count],
         )
-        entries = [StreamEntry(priority, i.decode(), f or None, self.shard) for i, f in items if i]
-        deliveries: dict[str, int] = {}
-        if entries:  # exactly these entries' counts (a range query would drag in the rest)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for entry in entries:
-                    pipe.xpending_range(stream, self.group, entry.entry_id, entry.entry_id, 1)
-                for found in await pipe.execute():
-                    for p in found:
-                        deliveries[_text(p["message_id"])] = int(p["times_delivered"])
-        return Reclaimed(next_cursor.decode(), entries, deliveries)
+        entries = [self._entry(priority, raw) for raw in items if raw[0]]
+        counts = {_text(i): int(n) for i, n in _pairs(deliveries).items()}
+        return Reclaimed(_text(next_cursor), entries, counts)
 
     async def trim(self) -> int:
         """XTRIM MINID every request stream below what any group still needs (its oldest

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
-import time
 from collections import Counter
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
@@ -28,24 +28,32 @@ from bales_producer import wire
 from redis.exceptions import RedisError, ResponseError
 
 from .batcher import Batcher
+from .clock import REFRESH_S, RedisClock
 from .control import FleetControl
 from .errors import RequestRejected, Unanswerable
 from .inference import InferenceExecutor
 from .metrics import Metrics
 from .model_config import load_models_file
 from .processing import BatchProcessor
-from .protocol import Limits, Request, decode_request, read_envelope
+from .protocol import Envelope, Limits, Request, decode_request, entry_time_ms, read_envelope
 from .recovery import Recovery
 from .registry import ModelRegistry
 from .replies import Completion, error_completion, expired_completion
 from .settings import Settings
-from .shards import Held, ShardedStreams
-from .streams import StreamEntry, StreamStore, bounded
+from .shards import Held, ShardedStreams, shard_label
+from .streams import Completed, StreamEntry, StreamStore, bounded, is_permanent
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0
+COMPLETION_ATTEMPTS = 6
+"""Tries of one completion on transient Redis errors (backoff 0.1 .. 3.2 s between them);
+after that, or at once on a permanent error, its entries stay pending: reclaimed after
+CLAIM_IDLE_MS and dead-lettered after MAX_DELIVERIES, never retried forever."""
+FUTURE_TOLERANCE_MS = 1000
+"""An entry ID this far ahead of Redis's clock is counted and logged as from the future."""
 LOWER_PRIORITY_SHARE_DIVISOR = 8
 MIN_READ_COUNT = 32
 """Even with tiny batches, read at least this many per round trip: under overload the
@@ -62,11 +70,24 @@ class WorkerStatus:
     redis_ok: bool = False
     last_error: str | None = None
     stopping: bool = False
+    supervisor: Supervisor | None = None
+
+    @property
+    def task_problems(self) -> list[str]:
+        """Long-lived tasks that are down or restarting in a loop (see ``supervisor``)."""
+        return self.supervisor.problems() if self.supervisor is not None else []
 
     @property
     def ready(self) -> bool:
-        """Ready to take traffic: models loaded, group joined, Redis reachable."""
-        return self.models_loaded and self.group_joined and self.redis_ok and not self.stopping
+        """Ready to take traffic: models loaded, group joined, Redis reachable, every
+        long-lived task up."""
+        return (
+            self.models_loaded
+            and self.group_joined
+            and self.redis_ok
+            and not self.stopping
+            and not self.task_problems
+        )
 
 
 class Worker:
@@ -75,7 +96,9 @@ class Worker:
     def __init__(self, settings: Settings, redis: aioredis.Redis, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.status = WorkerStatus()
+        self.supervisor = Supervisor(metrics)
+        self.status = WorkerStatus(supervisor=self.supervisor)
+        self.clock = RedisClock()
         self.executor = InferenceExecutor(settings.thread_pool_size)
         self.registry = ModelRegistry(settings.weights_dir, self.executor.run)
         self.streams = ShardedStreams(
@@ -86,6 +109,7 @@ class Worker:
             settings.consumer_name,
             settings.reply_ttl_s,
             cluster=settings.cluster_mode,
+            max_input_bytes=settings.max_input_bytes,
         )
         self.batcher: Batcher[Request] = Batcher(
             settings.max_batch_size,
@@ -93,7 +117,7 @@ class Worker:
             settings.priority_aging_ms,
             adaptive=settings.adaptive_window,
         )
-        self.processor = BatchProcessor(self.registry, self.executor, metrics, self.redis_now_ms)
+        self.processor = BatchProcessor(self.registry, self.executor, metrics, self.clock.now_ms)
         self.recovery = Recovery(
             self.streams, settings, metrics, self.held, self._admit_reclaimed, self._give_up
         )
@@ -110,26 +134,30 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.thread_pool_size)
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._readers: list[asyncio.Task[None]] = []
-        self._batch_task: asyncio.Task[None] | None = None
-        self._clock_offset_ms = 0.0
+        self._readers = [f"read-{shard_label(shard)}" for shard in self.streams.stores]
         self._batch_ids = itertools.count(1)
 
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the models, join the group, and start the loops."""
+        """Load the models, join the group, and start the supervised tasks."""
         self.executor.start()
         await self._load_models()
         self.status.models_loaded = True
         await self._join_group()
-        await self._start_control()
-        self.recovery.start()
-        self._readers = [
-            asyncio.create_task(self._read_loop(store), name=f"bales-read-{shard}")
-            for shard, store in self.streams.stores.items()
-        ]
-        self._batch_task = asyncio.create_task(self._batch_loop(), name="bales-batch")
+        await self._sync_control()
+        for name, run in self.recovery.loops().items():
+            self.supervisor.start(name, run)
+        self.supervisor.start("control", self.control.listen)
+        self.supervisor.start("clock", self._clock_loop)
+        for name, store in zip(self._readers, self.streams.stores.values(), strict=True):
+            self.supervisor.start(name, functools.partial(self._read_loop, store))
+        self.supervisor.start("batch", self._batch_loop)
+
+    @property
+    def failed(self) -> asyncio.Event:
+        """Set when a long-lived task cannot stay up: the process should exit non-zero."""
+        return self.supervisor.failed
 
     async def stop(self) -> None:
         """Stop reading, answer and ack everything already read (within SHUTDOWN_GRACE_S);
@@ -145,10 +173,9 @@ class Worker:
                 self.settings.shutdown_grace_s,
                 len(self._held),
             )
-            for task in [*self._readers, self._batch_task, *self._in_flight]:
+            for task in self._in_flight:
                 await _cancel(task)
-        await self.recovery.stop()
-        await self.control.stop()
+        await self.supervisor.stop()
         if not self._held:
             with contextlib.suppress(RedisError):
                 await self.streams.forget_consumer_if_idle()
@@ -176,19 +203,19 @@ class Worker:
         self.read_share = max(1, self.read_count // LOWER_PRIORITY_SHARE_DIVISOR)
         self.buffer_limit = 2 * largest
 
-    async def _start_control(self) -> None:
-        """Follow fleet-wide reloads (a Redis hiccup here only delays the first sync)."""
+    async def _sync_control(self) -> None:
+        """Serve the fleet's model versions before reading (a Redis hiccup here only delays
+        the first sync: the control task syncs again once subscribed)."""
         try:
             async with bounded(self.settings.redis_timeout_s):
                 await self.control.sync()
         except RedisError as exc:
             log.warning("could not read the fleet's model versions yet (%s)", exc)
-        await self.control.start()
 
     async def _drain(self) -> None:
-        for reader in self._readers:
-            await reader
-        await _cancel(self._batch_task)
+        for name in self._readers:
+            await self.supervisor.join(name)
+        await self.supervisor.cancel("batch")
         for batch in self.batcher.take_all():
             await self._slots.acquire()
             self._dispatch(batch)
@@ -203,7 +230,8 @@ class Worker:
 
     async def _read_loop(self, store: StreamStore) -> None:
         """Read one shard's streams until stopped (one loop per served shard: a blocking
-        read cannot span shards on a cluster)."""
+        read cannot span shards on a cluster). Starts with this consumer's own pending
+        entries, so a restart (of the task or of the process) answers what it had taken."""
         backoff_s = BACKOFF_START_S
         own_pending_answered = False
         while not self._stopping.is_set():
@@ -225,48 +253,115 @@ class Worker:
             self.status.redis_ok = True
 
     async def _answer_own_pending(self, store: StreamStore) -> None:
-        """Entries delivered to this consumer name before a restart are answered first."""
+        """Entries delivered to this consumer name and not answered are answered first
+        (except those it holds right now: a restarted read task finds them pending too)."""
         after: dict[int, str] = {}
         while entries := await store.read_own_pending(after, self.read_count):
-            log.info("answering %d entries left pending by an earlier run", len(entries))
             for entry in entries:
                 after[entry.priority] = entry.entry_id
-            await self._admit(entries)
+            orphans = [e for e in entries if (e.shard, e.priority, e.entry_id) not in self._held]
+            if orphans:
+                log.info("answering %d entries left pending by an earlier run", len(orphans))
+                await self._admit(orphans)
 
     async def _admit(self, entries: list[StreamEntry], retried: bool = False) -> None:
         """Decode entries: good ones go to the batcher; bad and already expired ones are
-        answered at once (so an overload sheds expired work at the cost of a read)."""
-        rejections: list[Completion] = []
-        now_ms = self.redis_now_ms()
+        answered at once (so an overload sheds expired work at the cost of a read). An
+        unexpected failure on one entry is contained to that entry (``_contain``)."""
+        replies: list[Completion] = []
+        now_ms = self.clock.now_ms()
         for entry in entries:
             try:
-                envelope = read_envelope(
-                    entry.entry_id, entry.fields, entry.priority, self.settings.keys, entry.shard
-                )
-            except Unanswerable as exc:
-                await self._dead_letter(entry, exc.reason)
-                continue
-            try:
-                request = decode_request(
-                    envelope, entry.fields or {}, self.registry.spec, self.limits
-                )
-            except RequestRejected as exc:
-                self.metrics.count(self._model_label(envelope.model_id), exc.code)
-                rejections.append(error_completion(envelope, exc.code, exc.message))
-                continue
-            if request.deadline_ms <= now_ms:
-                self.metrics.count(request.model_id, wire.ERROR_EXPIRED)
-                rejections.append(expired_completion(request, now_ms))
-                continue
-            request.retried = retried
-            self._held[(entry.shard, entry.priority, entry.entry_id)] = None
-            self.batcher.put(request)
-        await self._complete(rejections)
+                reply = await self._admit_one(entry, now_ms, retried)
+            except RedisError:
+                raise  # the caller's retry (the entry stays pending: reclaimed later)
+            except Exception as exc:
+                reply = await self._contain(entry, exc)
+            if reply is not None:
+                replies.append(reply)
+        await self._complete(replies)
+
+    async def _admit_one(
+        self, entry: StreamEntry, now_ms: float, retried: bool
+    ) -> Completion | None:
+        """Batch one entry, or return the reply it gets at once (None if dead-lettered)."""
+        try:
+            envelope = self._envelope(entry)
+        except Unanswerable as exc:
+            await self._dead_letter(entry, exc.reason)
+            return None
+        try:
+            request = decode_request(
+                envelope,
+                entry.fields or {},
+                self.registry.spec,
+                self.limits,
+                now_ms,
+                entry.withheld,
+            )
+        except RequestRejected as exc:
+            self.metrics.count(self._model_label(envelope.model_id), exc.code)
+            return error_completion(envelope, exc.code, exc.message)
+        self._note_future(entry, now_ms)
+        if request.deadline_ms <= now_ms:
+            self.metrics.count(request.model_id, wire.ERROR_EXPIRED)
+            return expired_completion(request, now_ms)
+        request.retried = retried
+        self.batcher.put(request)
+        self._held[(entry.shard, entry.priority, entry.entry_id)] = None
+        return None
+
+    def _envelope(self, entry: StreamEntry) -> Envelope:
+        return read_envelope(
+            entry.entry_id,
+            entry.fields,
+            entry.priority,
+            self.settings.keys,
+            entry.shard,
+            entry.withheld,
+        )
+
+    async def _contain(self, entry: StreamEntry, exc: Exception) -> Completion | None:
+        """An entry the service failed on unexpectedly (a bug, never the client's fault
+        alone): answered ``internal`` and acked, or dead-lettered if it has no usable
+        request_id; never left to stop a loop or to be read again and again."""
+        log.error(
+            "unexpected failure on entry %s of p%d; answering it 'internal'",
+            entry.entry_id,
+            entry.priority,
+            exc_info=exc,
+        )
+        self.metrics.contained.inc()
+        problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+        try:
+            envelope = self._envelope(entry)
+        except Exception:
+            await self._dead_letter(entry, f"the service failed on this entry ({problem})")
+            return None
+        self.metrics.count(self._model_label(envelope.model_id), wire.ERROR_INTERNAL)
+        message = f"the service failed on this request ({problem}); it was not computed"
+        return error_completion(envelope, wire.ERROR_INTERNAL, message)
+
+    def _note_future(self, entry: StreamEntry, now_ms: float) -> None:
+        """Count (and log) an entry whose ID is ahead of Redis's clock: its enqueue time was
+        clamped to now (see ``protocol.decode_request``)."""
+        ahead_ms = entry_time_ms(entry.entry_id) - now_ms
+        if ahead_ms > FUTURE_TOLERANCE_MS:
+            self.metrics.future_entries.inc()
+            log.warning(
+                "entry %s of p%d is %.0f ms ahead of Redis's clock (an explicit XADD ID?): "
+                "its enqueue time is taken as now",
+                entry.entry_id,
+                entry.priority,
+                ahead_ms,
+            )
 
     async def _admit_reclaimed(self, entries: list[StreamEntry]) -> None:
         await self._admit(entries, retried=True)
 
-    async def _dead_letter(self, entry: StreamEntry, reason: str) -> None:
+    async def _dead_letter(
+        self, entry: StreamEntry, reason: str, reply: Completion | None = None
+    ) -> None:
         log.warning(
             "dead-lettering entry %s of p%d: %s",
             entry.entry_id,
@@ -274,7 +369,14 @@ class Worker:
             reason,
             extra={"entry_id": entry.entry_id, "priority": entry.priority},
         )
-        await self.streams.dead_letter(entry, reason)
+        if not await self.streams.dead_letter(entry, reason, reply):
+            log.error(
+                "the dead-letter stream of shard %s cannot take records (a key of another "
+                "type?): entry %s of p%d was acked without a record",
+                shard_label(entry.shard),
+                entry.entry_id,
+                entry.priority,
+            )
         self.metrics.dead_letters.inc()
 
     async def _give_up(self, entry: StreamEntry, deliveries: int) -> None:
@@ -284,24 +386,14 @@ class Worker:
             f"{self.settings.max_deliveries}); moved to "
             f"{self.streams.store(entry.shard).keys.dead_letter}"
         )
-        log.warning(
-            "giving up on entry %s of p%d: %s",
-            entry.entry_id,
-            entry.priority,
-            reason,
-            extra={"entry_id": entry.entry_id, "priority": entry.priority},
-        )
         try:
-            envelope = read_envelope(
-                entry.entry_id, entry.fields, entry.priority, self.settings.keys, entry.shard
-            )
-        except Unanswerable:
-            await self.streams.dead_letter(entry, reason)
-        else:
-            reply = error_completion(envelope, wire.ERROR_DEAD_LETTER, reason)
-            await self.streams.dead_letter(entry, reason, reply)
-            self.metrics.count(self._model_label(envelope.model_id), wire.ERROR_DEAD_LETTER)
-        self.metrics.dead_letters.inc()
+            envelope = self._envelope(entry)
+        except Exception:  # no usable request_id: nobody to tell
+            await self._dead_letter(entry, reason)
+            return
+        reply = error_completion(envelope, wire.ERROR_DEAD_LETTER, reason)
+        await self._dead_letter(entry, reason, reply)
+        self.metrics.count(self._model_label(envelope.model_id), wire.ERROR_DEAD_LETTER)
 
     # ---- the batch side --------------------------------------------------------------
 
@@ -330,23 +422,17 @@ class Worker:
         return max(1, self.settings.thread_pool_size - 1)
 
     async def _process(self, batch: list[Request]) -> None:
-        """Compute one batch, then write its replies and ack in one fenced step."""
+        """Compute one batch, give back its inference slot, then write its replies and ack
+        in one fenced step (waiting on Redis never holds a slot)."""
         batch_id = next(self._batch_ids)
-        if log.isEnabledFor(logging.DEBUG):  # per batch: only when asked for
-            log.debug(
-                "batch %d: %d requests of %s",
-                batch_id,
-                len(batch),
-                batch[0].model_id,
-                extra={
-                    "batch_id": batch_id,
-                    "request_ids": [r.request_id for r in batch],
-                    "entry_ids": [f"p{r.priority}:{r.entry_id}" for r in batch],
-                    "traceparents": [r.traceparent for r in batch if r.traceparent],
-                },
-            )
+        _log_batch(batch_id, batch)
         try:
-            outcome = await self.processor.process(batch)
+            try:
+                outcome = await self.processor.process(batch)
+            finally:
+                self._model_in_flight[batch[0].model_id] -= 1
+                self._slots.release()
+                self.batcher.wake()
             self._release(outcome.failed)  # unleased: reclaimed after CLAIM_IDLE_MS
             await self._complete(outcome.completions)
         except Exception:  # not the model's fault (that is isolated): leave it to a retry
@@ -355,26 +441,48 @@ class Worker:
             )
         finally:
             self._release(batch)  # answered, or unleased so that it is retried
-            self._model_in_flight[batch[0].model_id] -= 1
-            self._slots.release()
-            self.batcher.wake()
 
     async def _complete(self, completions: list[Completion]) -> None:
-        """Write replies and ack; retried on Redis errors (the script is idempotent)."""
+        """Write replies and ack (``COMPLETION_ATTEMPTS`` tries on transient Redis errors;
+        the script is idempotent, so a retry repeats nothing). What cannot be completed
+        stays pending: reclaimed after CLAIM_IDLE_MS, dead-lettered after MAX_DELIVERIES."""
         backoff_s = BACKOFF_START_S
-        while completions:
+        for attempt in range(1, COMPLETION_ATTEMPTS + 1):
+            if not completions:
+                return
             try:
                 async with bounded(self.settings.redis_timeout_s):
-                    stale = await self.streams.complete(completions)
-                break
+                    done = await self.streams.complete(completions)
             except RedisError as exc:
+                if is_permanent(exc) or attempt == COMPLETION_ATTEMPTS:
+                    self.metrics.redis_errors.inc()
+                    log.error(
+                        "could not complete %d entries (%s: %s); they stay pending for a retry",
+                        len(completions),
+                        type(exc).__name__,
+                        exc,
+                    )
+                    return
                 await self._on_redis_error(exc, backoff_s)
                 backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
-        else:
+                continue
+            self.status.redis_ok = True
+            self._count_completed(done)
             return
-        if stale:
-            log.warning("%d replies dropped: their entries are no longer ours", stale)
-            self.metrics.stale_completions.inc(stale)
+
+    def _count_completed(self, done: Completed) -> None:
+        if done.stale:
+            log.warning("%d replies dropped: their entries are no longer ours", done.stale)
+            self.metrics.stale_completions.inc(done.stale)
+        if done.bad_reply_keys or done.bad_inboxes:
+            log.warning(
+                "%d reply keys and %d reply_to inboxes hold another type: those replies "
+                "were skipped (the entries are acked)",
+                done.bad_reply_keys,
+                done.bad_inboxes,
+            )
+            self.metrics.undeliverable.labels("reply").inc(done.bad_reply_keys)
+            self.metrics.undeliverable.labels("inbox").inc(done.bad_inboxes)
 
     def _release(self, requests: Iterable[Request]) -> None:
         for request in requests:
@@ -388,7 +496,7 @@ class Worker:
             try:
                 async with bounded(self.settings.redis_timeout_s):
                     await self.streams.ensure_groups()
-                    await self._sync_clock()
+                    await self.clock.sync(self.streams.redis_time_ms)
                 break
             except RedisError as exc:
                 await self._on_redis_error(exc, backoff_s)
@@ -401,16 +509,15 @@ class Worker:
             _served(self.streams),
         )
 
-    async def _sync_clock(self) -> None:
-        """Measure the offset of Redis's clock (entry IDs) from ours."""
-        before_ms = time.time() * 1000
-        redis_ms = await self.streams.redis_time_ms()
-        after_ms = time.time() * 1000
-        self._clock_offset_ms = redis_ms - (before_ms + after_ms) / 2
-
-    def redis_now_ms(self) -> float:
-        """Now, on Redis's clock (the clock of entry IDs), in ms since the epoch."""
-        return time.time() * 1000 + self._clock_offset_ms
+    async def _clock_loop(self) -> None:
+        """Re-estimate Redis's clock every ``clock.REFRESH_S``."""
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                async with bounded(self.settings.redis_timeout_s):
+                    await self.clock.sync(self.streams.redis_time_ms)
+            except RedisError as exc:
+                log.warning("could not read Redis's clock (%s); keeping the last offset", exc)
 
     async def _on_redis_error(self, exc: RedisError, backoff_s: float) -> None:
         self.metrics.redis_errors.inc()
@@ -433,6 +540,22 @@ class Worker:
         task = asyncio.create_task(coroutine)
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+
+
+def _log_batch(batch_id: int, batch: list[Request]) -> None:
+    if log.isEnabledFor(logging.DEBUG):  # per batch: only when asked for
+        log.debug(
+            "batch %d: %d requests of %s",
+            batch_id,
+            len(batch),
+            batch[0].model_id,
+            extra={
+                "batch_id": batch_id,
+                "request_ids": [r.request_id for r in batch],
+                "entry_ids": [f"p{r.priority}:{r.entry_id}" for r in batch],
+                "traceparents": [r.traceparent for r in batch if r.traceparent],
+            },
+        )
 
 
 def _served(streams: ShardedStreams) -> str:

@@ -90,12 +90,14 @@ async def test_completion_on_a_cluster_writes_each_reply_once_then_acks(rc, keys
     assert len(entries) == 20
     inbox = keys.inbox("client-1")
     done = [completion(e, e.fields[b"request_id"].decode(), inbox) for e in entries]
-    assert await store.complete(done) == 0
+    assert (await store.complete(done)).stale == 0
     for item in done:
         assert await rc.lrange(keys.reply(item.request_id), 0, -1) == [item.document]
     assert await rc.llen(inbox) == 20
     assert [s.pending for s in await store.queue_stats()] == [0, 0, 0]
-    assert await store.complete(done) == 20  # already acked: refused, counted, not rewritten
+    assert (
+        await store.complete(done)
+    ).stale == 20  # already acked: refused, counted, not rewritten
     for item in done:
         assert await rc.lrange(keys.reply(item.request_id), 0, -1) == [item.document]
 
@@ -114,7 +116,7 @@ async def test_replies_sent_to_a_primary_that_does_not_own_them_fall_back_and_la
     for name, other in zip(names, names[1:] + names[:1], strict=True):
         node = rc.get_node(node_name=other)
         store.nodes._clients[name] = aioredis.Redis(host=node.host, port=node.port)
-    assert await store.complete(done) == 0  # Redis refused the non-local keys; retried
+    assert (await store.complete(done)).stale == 0  # Redis refused the non-local keys; retried
     for item in done:
         assert await rc.lrange(keys.reply(item.request_id), 0, -1) == [item.document]
     assert store.nodes._clients == {}  # the fast path starts afresh
@@ -129,10 +131,10 @@ async def test_a_stale_owner_on_a_cluster_cannot_ack_and_its_reply_is_written_on
     await rc.xadd(keys.stream(1), {"request_id": "r1"})
     (entry,) = await old.read(count=1, share=1, block_ms=100)
     await rc.xclaim(keys.stream(1), "bales", "new", 0, [entry.entry_id])
-    assert await old.complete([completion(entry, "r1")]) == 1  # the fence refuses the ack
+    assert (await old.complete([completion(entry, "r1")])).stale == 1  # the fence refuses the ack
     assert (await rc.xpending(keys.stream(1), "bales"))["pending"] == 1
     late = Completion(1, entry.entry_id, "r1", b'{"second": true}', None)
-    assert await new.complete([late]) == 0
+    assert (await new.complete([late])).stale == 0
     replies = await rc.lrange(keys.reply("r1"), 0, -1)
     assert len(replies) == 1  # written once, whoever came first
     assert (await rc.xpending(keys.stream(1), "bales"))["pending"] == 0

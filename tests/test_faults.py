@@ -71,7 +71,7 @@ async def test_redis_crash_and_restart_lose_no_accepted_request(
         client = redis.Redis.from_url(private_redis.url)
         enqueue(client, keys, range(500, 700), "a")  # traffic after the restart too
         await wait_for(lambda: answered(client, keys, range(0, 700), "a") == 700, timeout_s=60)
-        assert svc.worker.status.ready
+        await wait_for(lambda: svc.worker.status.ready)  # at the next successful Redis call
     documents = [json.loads(client.lindex(keys.reply(f"a-{i}"), 0)) for i in range(700)]
     assert all(d["status"] == "ok" for d in documents)
     assert sum(client.xpending(s, "bales")["pending"] for s in keys.streams) == 0

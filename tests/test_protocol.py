@@ -19,6 +19,7 @@ SPEC = ModelSpec("stub_v1", "classification", (128,))
 GRID = ModelSpec("grid", "classification", (2, 3))
 LIMITS = Limits(default_timeout_ms=5000, max_input_bytes=4096)
 ENTRY_ID = "1700000000000-3"
+NOW_MS = 1_700_000_000_500.0  # Redis's clock when the entry is read
 
 
 def lookup(model_id: str) -> ModelSpec | None:
@@ -37,7 +38,7 @@ def fields(**values: str | bytes) -> dict[bytes, bytes]:
 
 def decode(entry: dict[bytes, bytes]):
     envelope = read_envelope(ENTRY_ID, entry, 1, KEYS)
-    return decode_request(envelope, entry, lookup, LIMITS)
+    return decode_request(envelope, entry, lookup, LIMITS, NOW_MS)
 
 
 def rejection(entry: dict[bytes, bytes]) -> RequestRejected:
@@ -175,7 +176,7 @@ def test_any_entry_is_decoded_or_rejected_never_crashes(entry: dict[bytes, bytes
         assert exc.reason
         return
     try:
-        request = decode_request(envelope, entry, lookup, LIMITS)
+        request = decode_request(envelope, entry, lookup, LIMITS, NOW_MS)
     except RequestRejected as exc:
         assert exc.code in wire.ERROR_CODES and exc.message
         return

@@ -171,7 +171,8 @@ async def test_entries_this_worker_holds_are_never_given_up_when_the_lease_is_la
         for i in range(5):
             await xadd(aredis, keys, request_id=f"held-{i}", timeout_ms="60000")
         await wait_for(lambda: len(svc.worker.held()) == 5)
-        await svc.worker.recovery.stop()  # the lease falls behind, as under a stalled loop
+        for loop in ("lease", "reclaim"):  # the lease falls behind, as under a stalled loop
+            await svc.worker.supervisor.cancel(loop)
 
         async def idle_enough() -> bool:
             pending = await aredis.xpending_range(keys.stream(1), "bales", "-", "+", 10)

@@ -60,13 +60,13 @@ async def test_completion_writes_once_and_acks(store, aredis, keys):
     await fill(aredis, keys, 1, 1)
     [entry] = await store.read(count=8, share=1, block_ms=100)
     done = completion(1, entry.entry_id, "p1-0", reply_to=keys.inbox("me"))
-    assert await store.complete([done]) == 0
+    assert (await store.complete([done])).stale == 0
     assert await aredis.lrange(keys.reply("p1-0"), 0, -1) == [done.document]
     assert await aredis.lrange(keys.inbox("me"), 0, -1) == [done.document]
     assert 0 < await aredis.ttl(keys.inbox("me")) <= 60
     assert (await aredis.xpending(keys.stream(1), "bales"))["pending"] == 0
     # a second completion of the same entry is stale (no longer pending): nothing written
-    assert await store.complete([done]) == 1
+    assert (await store.complete([done])).stale == 1
     assert await aredis.llen(keys.reply("p1-0")) == 1
 
 
@@ -74,7 +74,7 @@ async def test_a_stale_owner_cannot_answer_an_entry_claimed_by_another(store, ar
     await fill(aredis, keys, 0, 1)
     [entry] = await store.read(count=8, share=1, block_ms=100)
     await aredis.xclaim(keys.stream(0), "bales", "thief", 0, [entry.entry_id])
-    assert await store.complete([completion(0, entry.entry_id, "p0-0")]) == 1
+    assert (await store.complete([completion(0, entry.entry_id, "p0-0")])).stale == 1
     assert await aredis.exists(keys.reply("p0-0")) == 0
     assert (await aredis.xpending(keys.stream(0), "bales"))["pending"] == 1
 
@@ -83,7 +83,7 @@ async def test_an_existing_reply_is_not_overwritten(store, aredis, keys):
     await fill(aredis, keys, 0, 1)
     [entry] = await store.read(count=8, share=1, block_ms=100)
     await aredis.rpush(keys.reply("p0-0"), b"first")
-    assert await store.complete([completion(0, entry.entry_id, "p0-0")]) == 0
+    assert (await store.complete([completion(0, entry.entry_id, "p0-0")])).stale == 0
     assert await aredis.lrange(keys.reply("p0-0"), 0, -1) == [b"first"]
     assert (await aredis.xpending(keys.stream(0), "bales"))["pending"] == 0
 

@@ -9,6 +9,7 @@
      |    +-- Expired          code "expired": the deadline passed before it was computed
      |    +-- InternalError    code "internal": the service failed to compute it
      |    +-- DeadLettered     code "dead_letter": it failed MAX_DELIVERIES times; given up
+     |    +-- InvalidOutput    code "invalid_output": the model's output was not finite
      +-- RequestTimeout        no reply arrived in time (also a TimeoutError)
      +-- Overloaded            refused before enqueueing: that priority's backlog is over the bound
 """
@@ -56,6 +57,11 @@ class DeadLettered(ReplyError):
     """The request failed on every delivery and was moved to the dead-letter stream."""
 
 
+class InvalidOutput(ReplyError):
+    """The model's output for this input was not finite (NaN or infinity); retrying the
+    same input gives the same result."""
+
+
 class RequestTimeout(BalesError, TimeoutError):
     """No reply arrived within the time the caller was willing to wait."""
 
@@ -78,6 +84,7 @@ _BY_CODE: dict[str, type[ReplyError]] = {
     wire.ERROR_EXPIRED: Expired,
     wire.ERROR_INTERNAL: InternalError,
     wire.ERROR_DEAD_LETTER: DeadLettered,
+    wire.ERROR_INVALID_OUTPUT: InvalidOutput,
 }
 
 
