@@ -382,3 +382,44 @@ async def test_a_sigkilled_primary_fails_over_and_no_replicated_request_is_lost(
 async def settled(worker: Worker) -> bool:
     stats = await worker.streams.queue_stats()
     return all((s.lag, s.pending) == (0, 0) for s in stats)
+
+
+async def test_hostile_entries_on_a_cluster_are_answered_and_acked(cluster, rc) -> None:
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    keys = KeySpace(prefix)
+    await rc.hset(keys.desired_models, mapping={"stub_v1": "junk", "bad id!": "{}"})
+    settings = cluster_settings(cluster, prefix, max_input_bytes=4096)
+    worker = Worker(settings, connect(cluster.url, cluster=True), Metrics())
+    await worker.start()  # junk in the models hash does not stop it
+    try:
+        good = json.dumps([0.5] * 128)
+        await rc.set(keys.inbox("taken"), "not a list")
+        await rc.hset(keys.reply("squatted"), "k", "v")
+        entries = {
+            "to-bad-inbox": {"input": good, "reply_to": keys.inbox("taken")},
+            "squatted": {"input": good},
+            "too-big": {"input": "[" + "1," * 5000 + "1]"},
+            "odd-timeout": {"input": good, "timeout_ms": "²"},
+            "canary": {"input": good},
+        }
+        for request_id, fields in entries.items():
+            body = {"request_id": request_id, "model_id": "stub_v1", **fields}
+            await rc.xadd(keys.stream(1), body)  # type: ignore[arg-type]
+
+        async def reply(request_id: str) -> dict:
+            popped = await rc.blpop([keys.reply(request_id)], timeout=10)
+            assert popped is not None, request_id
+            return json.loads(popped[1])
+
+        assert (await reply("to-bad-inbox"))["status"] == "ok"
+        assert (await reply("too-big"))["error"]["code"] == "invalid_request"
+        assert (await reply("odd-timeout"))["error"]["code"] == "invalid_request"
+        assert (await reply("canary"))["status"] == "ok"
+        await wait_for(lambda: worker.metrics.undeliverable.labels("reply")._value.get() == 1)
+        assert worker.metrics.undeliverable.labels("inbox")._value.get() == 1
+        assert await rc.get(keys.inbox("taken")) == b"not a list"
+        assert await rc.hgetall(keys.reply("squatted")) == {b"k": b"v"}
+        assert (await rc.xpending(keys.stream(1), "bales"))["pending"] == 0
+        assert worker.status.ready and worker.status.task_problems == []
+    finally:
+        await worker.stop()
