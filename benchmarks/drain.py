@@ -11,7 +11,8 @@ import asyncio
 import statistics
 import time
 
-from .faults import Harness, xadd_batch
+from .fault_harness import Harness
+from .faults import xadd_batch
 
 
 async def drain_once(requests: int, consumers: int) -> float:

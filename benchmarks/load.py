@@ -31,7 +31,8 @@ from bales_producer import AsyncClient, BalesError
 
 from bales_stream.embedded_redis import LocalCluster, RedisServer, free_port
 
-from .faults import cpu_seconds, wait_ready
+from .fault_harness import wait_ready
+from .faults import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
