@@ -106,6 +106,8 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def _authorized(request: web.Request, worker: Worker) -> bool:
+    """True when the request carries the bearer token, or no token is set (the sidecar then
+    listens on loopback only: ``reload_model`` refuses first otherwise)."""
     token = worker.settings.sidecar_token
     if token is None:
         return True
@@ -117,6 +119,8 @@ def _authorized(request: web.Request, worker: Worker) -> bool:
 async def reload_model(request: web.Request) -> web.Response:
     """Swap a model's weights atomically on every consumer; ``{"weights_path": "stub_v2.pt"}``."""
     worker = request.app[WORKER_KEY]
+    if worker.settings.reload_refused:
+        return _problem(403, _reload_refused_message(worker.settings.host))
     if not _authorized(request, worker):
         return _problem(
             401, "missing or wrong bearer token (Authorization: Bearer <SIDECAR_TOKEN>)"
@@ -152,6 +156,13 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+def _reload_refused_message(host: str) -> str:
+    return (
+        f"reload is disabled: the sidecar listens on HOST={host}, beyond this machine, and "
+        "SIDECAR_TOKEN is not set; set SIDECAR_TOKEN and send Authorization: Bearer <token>"
+    )
+
+
 def _problem(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -175,6 +186,11 @@ class Sidecar:
         if self.port == 0 and server is not None and server.sockets:  # type: ignore[attr-defined]
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         log.info("sidecar listening on http://%s:%d", self.host, self.port)
+        if self.worker.settings.reload_refused:
+            log.warning(
+                "%s (/health, /ready and /metrics are served)",
+                _reload_refused_message(self.worker.settings.host),
+            )
 
     async def stop(self) -> None:
         """Stop serving."""
