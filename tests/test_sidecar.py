@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -206,6 +207,93 @@ def test_deployments_take_the_token_from_their_environment() -> None:
     env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     secret = env["SIDECAR_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert secret["name"] and secret["key"] and not secret.get("optional", False)
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pinned_models_file(weights_dir: Path) -> Path:
+    """A models file serving stub_v1 from stub_v1.pt, pinned to that file's sha256."""
+    path = weights_dir / "pinned.toml"
+    pin = sha256_of(weights_dir / "stub_v1.pt")
+    path.write_text(
+        '[[models]]\nmodel_id = "stub_v1"\nformat = "state_dict"\narchitecture = "stub"\n'
+        f'file = "stub_v1.pt"\ninput_shape = [128]\nsha256 = "{pin}"\n'
+    )
+    return path
+
+
+async def test_a_pinned_model_reloads_only_files_whose_sha256_an_admin_named(
+    service_factory, weights_dir
+) -> None:
+    v2_sha256 = sha256_of(weights_dir / "stub_v2.pt")
+    async with service_factory(
+        weights_dir=weights_dir, models_config=pinned_models_file(weights_dir)
+    ) as svc:
+        url = svc.base_url + "/models/stub_v1/reload"
+        before = svc.worker.registry.get("stub_v1").version
+        status, body = await post(url, {"weights_path": "stub_v2.pt"})
+        assert status == 409
+        pin = sha256_of(weights_dir / "stub_v1.pt")
+        assert "stub_v2.pt" in body["error"] and pin in body["error"] and v2_sha256 in body["error"]
+        status, body = await post(url, {"weights_path": "stub_v2.pt", "sha256": pin})
+        assert status == 409 and "the reload request expects" in body["error"]
+        assert svc.worker.registry.get("stub_v1").version == before
+        status, body = await post(url, {"weights_path": "stub_v2.pt", "sha256": v2_sha256})
+        assert status == 200 and body["version"].startswith("stub_v2-")
+        status, body = await post(url, {"weights_path": "stub_v1.pt"})  # the pinned file
+        assert status == 200 and body["version"] == before
+
+
+@pytest.mark.parametrize("sha256", ["A" * 64, "a" * 63, "g" * 64, 12, ""])
+async def test_a_malformed_sha256_in_a_reload_is_refused(service, sha256) -> None:
+    status, body = await post(
+        service.base_url + "/models/stub_v1/reload",
+        {"weights_path": "stub_v2.pt", "sha256": sha256},
+    )
+    assert status == 400 and "64 lowercase hex" in body["error"]
+
+
+async def test_an_unpinned_model_checks_a_sha256_given_in_the_reload(
+    service_factory, weights_dir
+) -> None:
+    async with service_factory(weights_dir=weights_dir) as svc:
+        url = svc.base_url + "/models/stub_v1/reload"
+        wrong = sha256_of(weights_dir / "stub_v1.pt")
+        assert (await post(url, {"weights_path": "stub_v2.pt", "sha256": wrong}))[0] == 409
+        right = sha256_of(weights_dir / "stub_v2.pt")
+        assert (await post(url, {"weights_path": "stub_v2.pt", "sha256": right}))[0] == 200
+
+
+async def test_pinned_consumers_refuse_to_follow_a_reload_to_another_file(
+    service_factory, weights_dir, caplog
+) -> None:
+    """The fleet record carries no sha256: a consumer whose pin names another hash keeps
+    serving its pinned file (now or when it starts later) and logs why."""
+    models = pinned_models_file(weights_dir)
+    v2_sha256 = sha256_of(weights_dir / "stub_v2.pt")
+    async with (
+        service_factory(weights_dir=weights_dir, models_config=models) as first,
+        service_factory(weights_dir=weights_dir, models_config=models) as second,
+    ):
+        pinned = second.worker.registry.get("stub_v1").version
+        status, body = await post(
+            first.base_url + "/models/stub_v1/reload",
+            {"weights_path": "stub_v2.pt", "sha256": v2_sha256},
+        )
+        assert status == 200 and body["consumers_notified"] >= 2
+
+        def refused() -> bool:
+            return any(
+                "cannot follow" in r.getMessage() and v2_sha256 in r.getMessage()
+                for r in caplog.records
+            )
+
+        await wait_for(refused)
+        assert second.worker.registry.get("stub_v1").version == pinned
+        async with service_factory(weights_dir=weights_dir, models_config=models) as late:
+            assert late.worker.registry.get("stub_v1").version == pinned
 
 
 async def reload_under_traffic(
