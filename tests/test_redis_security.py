@@ -309,3 +309,18 @@ async def test_service_and_producers_talk_to_redis_over_tls(
             assert client.infer("stub_v1", INPUT)["status"] == "ok"
         async with AsyncClient(url, prefix=prefix) as aclient:
             assert (await aclient.infer("stub_v1", INPUT))["status"] == "ok"
+
+
+def test_the_recommended_size_limits_take_a_full_size_input_and_refuse_more() -> None:
+    """docs/security.md: ``proto-max-bulk-len 1mb`` (one argument, = MAX_INPUT_BYTES) with
+    ``client-query-buffer-limit 4mb`` (a client's unread input must hold that argument)."""
+    server = RedisServer(
+        None, None, "--proto-max-bulk-len", "1mb", "--client-query-buffer-limit", "4mb"
+    ).start()
+    try:
+        with redis.Redis(port=server.port) as client:
+            client.xadd("limits", {"input": b"x" * 1_048_576})
+            with pytest.raises(redis.exceptions.ResponseError, match="invalid bulk length"):
+                client.xadd("limits", {"input": b"x" * 1_048_577})
+    finally:
+        server.stop()
