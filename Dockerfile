@@ -21,7 +21,9 @@ RUN pip install torch==2.13.0 && pip install . && rm -rf /root/.cache
 
 USER bales
 # In the container the sidecar must be reachable by the orchestrator's probes and
-# Prometheus: bind all interfaces, and set SIDECAR_TOKEN to protect reload.
+# Prometheus: bind all interfaces. SIDECAR_TOKEN comes from the runtime environment
+# (docker run -e SIDECAR_TOKEN, compose, a Kubernetes Secret), never from the image: without
+# it, reload answers 403 and the start-up log says so; health, ready and metrics still work.
 ENV HOST=0.0.0.0 \
     PORT=8000 \
     WEIGHTS_DIR=/app/weights \

@@ -8,6 +8,7 @@
     format = "torchscript"            # torchscript | export (.pt2) | state_dict
     file = "digits_mlp.pt"            # inside WEIGHTS_DIR
     input_shape = [64]                # one request's input; batches add a leading dimension
+    sha256 = "<64 lowercase hex>"     # optional: the file's sha256 (sha256sum); else refused
     max_batch_size = 64               # optional: overrides MAX_BATCH_SIZE for this model
     batch_window_ms = 2.0             # optional: overrides BATCH_WINDOW_MS for this model
     options = { top_k = 3 }           # optional: passed to the model type
@@ -25,15 +26,17 @@ Without a models file, the consumer serves ``DEFAULT_MODEL_ID`` (the stub) as be
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ModelLoadError
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ModelConfig(BaseModel):
@@ -48,9 +51,18 @@ class ModelConfig(BaseModel):
     input_shape: tuple[int, ...] = Field(min_length=1)
     input_dtype: Literal["float32"] = "float32"
     architecture: str | None = None
+    sha256: str | None = None
+    """The weights file's sha256 (64 lowercase hex): a file with another hash is refused."""
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     batch_window_ms: float | None = Field(None, ge=0, le=10_000)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sha256")
+    @classmethod
+    def _check_sha256(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_sha256(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -75,6 +87,15 @@ class ModelsFile(BaseModel):
         if duplicates:
             raise ValueError(f"model_id used more than once: {', '.join(duplicates)}")
         return self
+
+
+def check_sha256(value: str) -> str:
+    """Return ``value`` if it is a sha256 as ``sha256sum`` prints it, else raise ValueError."""
+    if not SHA256_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"sha256 must be 64 lowercase hex characters (as sha256sum prints), got {value!r}"
+        )
+    return value
 
 
 def load_models_file(path: Path) -> list[ModelConfig]:

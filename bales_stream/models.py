@@ -5,12 +5,16 @@ The model contract: the module takes a float32 tensor of shape ``(batch, *input_
 returns a tensor with one row per input, same order; the model type (``model_types``) turns
 the rows into result dicts. state_dict files are only ever read with
 ``torch.load(weights_only=True)``: no arbitrary unpickling; every file comes from
-WEIGHTS_DIR (see ``registry.confine``).
+WEIGHTS_DIR (see ``registry.confine``). TorchScript and ``torch.export`` archives can run
+code when loaded: pin their sha256 (``ModelConfig.sha256``). A file is read once; its bytes
+are hashed, checked against the pin and loaded from memory, so the file cannot change between
+the check and the load.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +110,15 @@ class LoadedModel:
             )
 
 
-def load_model(config: ModelConfig, path: Path) -> LoadedModel:
-    """Load, check and warm up a model file as its config says (run it in the executor)."""
-    module, state = _load_module(config, path)
+def load_model(config: ModelConfig, path: Path, sha256: str | None = None) -> LoadedModel:
+    """Load, check and warm up a model file as its config says (run it in the executor).
+
+    The file's sha256 must equal ``sha256`` when given (an admin's reload), else the
+    config's pin when it has one; otherwise ``ModelLoadError`` (409) and nothing is loaded."""
+    data = read_weights(
+        path, sha256 or config.sha256, "the reload request" if sha256 else "MODELS_CONFIG"
+    )
+    module, state = _load_module(config, path, data)
     kind = make_model_type(config.model_type, config.options)
     spec = ModelSpec(config.model_id, getattr(kind, "name", config.model_type), config.input_shape)
     model = LoadedModel(spec, f"{path.stem}-{weights_hash(state)}", module, kind)
@@ -124,19 +134,34 @@ def load_model(config: ModelConfig, path: Path) -> LoadedModel:
     return model
 
 
-def _load_module(
-    config: ModelConfig, path: Path
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]:
+def read_weights(path: Path, expected_sha256: str | None, pinned_by: str) -> bytes:
+    """The bytes of a weights file, refused (409) unless their sha256 is ``expected_sha256``
+    (when given; ``pinned_by`` says where that hash came from)."""
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} does not exist", 404)
+    data = path.read_bytes()
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise ModelLoadError(
+                f"weights file {path.name} has sha256 {actual}, but {pinned_by} expects "
+                f"{expected_sha256}: refused",
+                409,
+            )
+    return data
+
+
+def _load_module(
+    config: ModelConfig, path: Path, data: bytes
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]:
     try:
         if config.format == "torchscript":
-            scripted = torch.jit.load(str(path), map_location="cpu").eval()
+            scripted = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
             return scripted, dict(scripted.state_dict())
         if config.format == "export":
-            program = torch.export.load(str(path))
+            program = torch.export.load(io.BytesIO(data))
             return program.module(), dict(program.state_dict)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         raise ModelLoadError(
             f"weights file {path.name} does not load as {config.format}: {exc}"

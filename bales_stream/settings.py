@@ -7,11 +7,12 @@ Nothing else in the service reads ``os.environ``. Names and defaults follow BALE
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from bales_producer import wire
 from bales_producer.core import is_cluster_url
@@ -19,6 +20,9 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+MASK = "****"
+SECRET_QUERY_PARAMETERS = frozenset({"password", "ssl_password"})
+"""URL query parameters redis-py turns into secrets (the AUTH password, the key passphrase)."""
 
 
 class SettingsError(ValueError):
@@ -89,6 +93,19 @@ class Settings(BaseSettings):
         parse_shards(self.serve_shards, self.shards)  # raises ValueError naming the problem
         return self
 
+    @field_validator("sidecar_token", mode="before")
+    @classmethod
+    def _blank_token_is_no_token(cls, value: object) -> object:
+        """An empty or whitespace-only SIDECAR_TOKEN is no token (``SIDECAR_TOKEN=`` in an
+        env file must not become a token that an empty bearer header matches)."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def reload_refused(self) -> bool:
+        """True when the sidecar must refuse reloads: no SIDECAR_TOKEN while HOST binds
+        beyond this machine (see ``is_loopback``)."""
+        return self.sidecar_token is None and not is_loopback(self.host)
+
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lowercase_level(cls, value: object) -> object:
@@ -108,7 +125,7 @@ class Settings(BaseSettings):
         """Every setting with secrets masked, for logs and ``bales-stream config``."""
         view = self.model_dump(mode="json")
         view["redis_url"] = self.redis_url_masked
-        view["sidecar_token"] = "****" if self.sidecar_token else None
+        view["sidecar_token"] = MASK if self.sidecar_token else None
         return view
 
 
@@ -130,15 +147,42 @@ def parse_shards(spec: str, shards: int) -> tuple[int, ...]:
     return tuple(sorted(chosen))
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: ``localhost``, 127.0.0.0/8, ``::1``.
+    Any other name counts as reachable from elsewhere (it may resolve to anything)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def mask_url(url: str) -> str:
-    """Replace the password of a URL with ``****``."""
+    """``url`` with every secret replaced by ``****``, the rest left readable: the password
+    of the user part (``redis://user:pw@h``, ``redis://:pw@h``, any scheme, including
+    ``unix://`` and ``redis+cluster://``) and the values of ``password=`` and
+    ``ssl_password=`` query parameters. An ``@`` after the host part means a password with
+    a raw ``/``, ``?`` or ``#`` in it (unparseable as meant): then all after the scheme is
+    masked."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:  # not a URL redis-py takes; show it only if it cannot hold a password
+        return MASK if "@" in url else url
     parts = urlsplit(url)
-    if not parts.password:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:****@{host}{port}"))
+    if "@" in rest[len(parts.netloc) :]:
+        return f"{scheme}://{MASK}"
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = f"{userinfo.partition(':')[0]}:{MASK}"
+    masked = f"{scheme}://{userinfo}{at}{hostport}{parts.path}"
+    if parts.query:
+        masked += "?" + "&".join(_mask_query_item(item) for item in parts.query.split("&"))
+    return masked + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def _mask_query_item(item: str) -> str:
+    name, equals, _ = item.partition("=")
+    return f"{name}={MASK}" if equals and unquote(name).lower() in SECRET_QUERY_PARAMETERS else item
 
 
 def load_settings(**overrides: object) -> Settings:

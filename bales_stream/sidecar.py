@@ -15,6 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from .errors import ModelLoadError
+from .model_config import check_sha256
+from .registry import requested_sha256
 from .shards import UNSHARDED
 from .worker import Worker
 
@@ -108,6 +110,8 @@ async def ready(request: web.Request) -> web.Response:
 
 
 def _authorized(request: web.Request, worker: Worker) -> bool:
+    """True when the request carries the bearer token, or no token is set (the sidecar then
+    listens on loopback only: ``reload_model`` refuses first otherwise)."""
     token = worker.settings.sidecar_token
     if token is None:
         return True
@@ -117,20 +121,21 @@ def _authorized(request: web.Request, worker: Worker) -> bool:
 
 
 async def reload_model(request: web.Request) -> web.Response:
-    """Swap a model's weights atomically on every consumer; ``{"weights_path": "stub_v2.pt"}``."""
+    """Swap a model's weights atomically on every consumer: ``{"weights_path": "stub_v2.pt"}``,
+    optionally with ``"sha256"``, the file's hash (required for a pinned model's other file)."""
     worker = request.app[WORKER_KEY]
+    if worker.settings.reload_refused:
+        return _problem(403, _reload_refused_message(worker.settings.host))
     if not _authorized(request, worker):
         return _problem(
             401, "missing or wrong bearer token (Authorization: Bearer <SIDECAR_TOKEN>)"
         )
     try:
-        body = await request.json()
-    except json.JSONDecodeError:
-        return _problem(400, 'body must be JSON: {"weights_path": "<file in WEIGHTS_DIR>"}')
-    weights_path = body.get("weights_path") if isinstance(body, dict) else None
-    if not isinstance(weights_path, str):
-        return _problem(400, 'body must be {"weights_path": "<file in WEIGHTS_DIR>"}')
+        weights_path, sha256 = _reload_body(await request.text())
+    except ValueError as exc:
+        return _problem(400, str(exc))
     model_id = request.match_info["model_id"]
+    asked = requested_sha256.set(sha256)
     try:
         outcome = await worker.control.reload(model_id, weights_path)
     except ModelLoadError as exc:
@@ -138,7 +143,24 @@ async def reload_model(request: web.Request) -> web.Response:
         return _problem(exc.http_status, exc.message)
     except RedisError as exc:
         return _problem(503, f"reloaded here, but could not tell the other consumers: {exc}")
+    finally:
+        requested_sha256.reset(asked)
     return web.json_response(outcome)
+
+
+def _reload_body(text: str) -> tuple[str, str | None]:
+    """``weights_path`` and the optional ``sha256`` of a reload body; ValueError says why not."""
+    expected = 'body must be {"weights_path": "<file in WEIGHTS_DIR>", "sha256": "<optional>"}'
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"{expected}, as JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("weights_path"), str):
+        raise ValueError(expected)
+    sha256 = body.get("sha256")
+    if sha256 is not None:
+        check_sha256(sha256 if isinstance(sha256, str) else repr(sha256))
+    return body["weights_path"], sha256
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -151,6 +173,13 @@ async def metrics(request: web.Request) -> web.Response:
     worker.metrics.observe_models({model_id: m.version for model_id, m in served.items()})
     return web.Response(
         body=worker.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+def _reload_refused_message(host: str) -> str:
+    return (
+        f"reload is disabled: the sidecar listens on HOST={host}, beyond this machine, and "
+        "SIDECAR_TOKEN is not set; set SIDECAR_TOKEN and send Authorization: Bearer <token>"
     )
 
 
@@ -177,6 +206,11 @@ class Sidecar:
         if self.port == 0 and server is not None and server.sockets:  # type: ignore[attr-defined]
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         log.info("sidecar listening on http://%s:%d", self.host, self.port)
+        if self.worker.settings.reload_refused:
+            log.warning(
+                "%s (/health, /ready and /metrics are served)",
+                _reload_refused_message(self.worker.settings.host),
+            )
 
     async def stop(self) -> None:
         """Stop serving."""

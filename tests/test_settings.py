@@ -1,10 +1,19 @@
-"""Settings: the seed's names and defaults, strict parsing, masked secrets."""
+"""Settings: the seed's names and defaults, strict parsing, masked secrets (also in the
+output of a real ``bales-stream config`` and the start-up log of a real ``serve``)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
 import pytest
 
-from bales_stream.settings import SettingsError, load_settings, mask_url
+from bales_stream.settings import SettingsError, is_loopback, load_settings, mask_url
+
+from .conftest import ROOT
 
 SEED_DEFAULTS = {
     "redis_url": None,
@@ -84,3 +93,125 @@ def test_secrets_are_masked(clean_env) -> None:
 
 def test_mask_url_leaves_password_free_urls_alone() -> None:
     assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+# Every URL form redis-py takes a password in (PW stands for it), and what is shown instead.
+PASSWORD_URLS = [
+    ("redis://user:PW@db:6379/1", "redis://user:****@db:6379/1"),
+    ("redis://:PW@db:6379/0", "redis://:****@db:6379/0"),
+    (
+        "rediss://bales:PW@db:6380/0?ssl_ca_certs=/etc/ca.pem",
+        "rediss://bales:****@db:6380/0?ssl_ca_certs=/etc/ca.pem",
+    ),
+    ("unix:///run/redis.sock?password=PW&db=2", "unix:///run/redis.sock?password=****&db=2"),
+    ("unix://:PW@/run/redis.sock", "unix://:****@/run/redis.sock"),
+    ("redis://db:6379/0?password=PW", "redis://db:6379/0?password=****"),
+    ("redis://db?db=1&PASSWORD=PW&client_name=x", "redis://db?db=1&PASSWORD=****&client_name=x"),
+    ("redis+cluster://consumer:PW@node1:7000", "redis+cluster://consumer:****@node1:7000"),
+    (
+        "rediss+cluster://:PW@node1:7000?ssl_password=PW",
+        "rediss+cluster://:****@node1:7000?ssl_password=****",
+    ),
+    ("redis://:PW@[::1]:6379/0", "redis://:****@[::1]:6379/0"),
+    ("redis://:PW%40x@db/0", "redis://:****@db/0"),
+    ("redis://:PW#x@db/0", "redis://****"),  # a raw # or ? in a password: unparseable
+    ("redis://:PW?x@db/0", "redis://****"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown"), PASSWORD_URLS)
+def test_mask_url_hides_the_password_in_every_url_form(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://localhost:6379/0", "rediss://db:6380/0?ssl_ca_certs=/a/ca.pem", "unix:///r.sock"],
+)
+def test_mask_url_leaves_password_free_urls_readable(url: str) -> None:
+    assert mask_url(url) == url
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\t\n"])
+def test_a_blank_sidecar_token_is_no_token(clean_env, value: str) -> None:
+    clean_env.setenv("SIDECAR_TOKEN", value)
+    settings = load_settings()
+    assert settings.sidecar_token is None
+    assert settings.public_view()["sidecar_token"] is None
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.5", False),
+        ("", False),
+        ("my-host.example", False),
+    ],
+)
+def test_only_loopback_hosts_count_as_local(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_reload_is_refused_only_when_exposed_without_a_token() -> None:
+    assert not load_settings(host="127.0.0.1").reload_refused
+    assert load_settings(host="0.0.0.0").reload_refused
+    assert load_settings(host="0.0.0.0", sidecar_token=" ").reload_refused
+    assert not load_settings(host="0.0.0.0", sidecar_token="t").reload_refused
+
+
+def process_env(**variables: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "SIDECAR_"))}
+    return {**env, "WEIGHTS_DIR": str(ROOT / "weights"), **variables}
+
+
+@pytest.mark.parametrize(("url", "shown"), PASSWORD_URLS)
+def test_bales_stream_config_never_prints_the_password(url: str, shown: str) -> None:
+    password = f"pw{uuid.uuid4().hex}"
+    result = subprocess.run(
+        [sys.executable, "-m", "bales_stream", "config"],
+        env=process_env(REDIS_URL=url.replace("PW", password)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert password not in result.stdout + result.stderr
+    assert f'"redis_url": "{shown}"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    "template", ["redis://bales:{pw}@{hostport}/0", "redis://{hostport}/0?password={pw}"]
+)
+def test_serve_never_logs_the_password(redis_server, template: str) -> None:
+    """A real ``serve`` at debug level, given a password (Redis refuses it for a user, and
+    ignores it for the password-less default user): its output until it joined the group or
+    logged a Redis error, then until it stopped on SIGTERM, never shows the password."""
+    password = f"pw{uuid.uuid4().hex}"
+    url = template.format(pw=password, hostport=f"127.0.0.1:{redis_server.port}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bales_stream", "serve"],
+        env=process_env(REDIS_URL=url, PORT="0", LOG_LEVEL="debug", KEY_PREFIX=password[:12]),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stderr is not None
+    seen: list[str] = []
+    try:
+        for line in process.stderr:  # one event per line
+            seen.append(line)
+            if "Redis error" in line or "joined group" in line:
+                break
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=60)
+    output = "".join(seen) + rest
+    assert "bales-stream starting: redis=" in output and "****" in output
+    assert password not in output

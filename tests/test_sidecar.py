@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+import yaml
 from bales_producer import AsyncClient
 
 from bales_stream.metrics import Metrics
@@ -16,7 +21,7 @@ from bales_stream.models import load_stub_file
 from bales_stream.sidecar import Sidecar
 from bales_stream.worker import Worker
 
-from .conftest import wait_for
+from .conftest import ROOT, wait_for
 
 
 async def get(url: str) -> tuple[int, dict | str]:
@@ -131,6 +136,164 @@ async def test_reload_requires_the_token_when_one_is_set(service_factory, weight
         assert (await post(url, {"weights_path": "stub_v2.pt"}, token="wrong"))[0] == 401
         assert (await post(url, {"weights_path": "stub_v2.pt"}, token="s3cret"))[0] == 200
         assert "s3cret" not in repr(svc.settings)
+
+
+@contextlib.asynccontextmanager
+async def exposed_service(make_settings, **overrides) -> AsyncIterator[tuple[Worker, str]]:
+    """A started worker whose sidecar binds HOST=0.0.0.0 (all interfaces), port 0; yields
+    the worker and the sidecar's base URL (reached through 127.0.0.1)."""
+    settings = make_settings(host="0.0.0.0", **overrides)
+    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
+    worker = Worker(settings, client, Metrics())
+    sidecar = Sidecar(worker, settings.host, 0)
+    await sidecar.start()
+    await worker.start()
+    try:
+        yield worker, f"http://127.0.0.1:{sidecar.port}"
+    finally:
+        await worker.stop()
+        await sidecar.stop()
+        await client.aclose()
+
+
+@pytest.mark.parametrize("token", [None, "", "   "])
+async def test_an_exposed_sidecar_without_a_token_refuses_reload_and_serves_probes(
+    make_settings, weights_dir, caplog, token
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="bales_stream.sidecar"):
+        async with exposed_service(make_settings, weights_dir=weights_dir, sidecar_token=token) as (
+            worker,
+            base,
+        ):
+            before = worker.registry.get("stub_v1").version
+            for bearer in (None, "", "   "):
+                status, body = await post(
+                    base + "/models/stub_v1/reload", {"weights_path": "stub_v2.pt"}, bearer
+                )
+                assert status == 403 and "set SIDECAR_TOKEN" in body["error"]
+            assert worker.registry.get("stub_v1").version == before
+            for path in ("/health", "/ready", "/metrics"):
+                assert (await get(base + path))[0] == 200, path
+    warnings = [r for r in caplog.records if "SIDECAR_TOKEN is not set" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+
+
+async def test_an_exposed_sidecar_with_a_token_reloads_for_its_bearer(
+    make_settings, weights_dir
+) -> None:
+    async with exposed_service(make_settings, weights_dir=weights_dir, sidecar_token="t0k") as (
+        worker,
+        base,
+    ):
+        url = base + "/models/stub_v1/reload"
+        assert (await post(url, {"weights_path": "stub_v2.pt"}))[0] == 401
+        assert (await post(url, {"weights_path": "stub_v2.pt"}, token="t0k"))[0] == 200
+        assert worker.registry.get("stub_v1").version.startswith("stub_v2-")
+
+
+def test_deployments_take_the_token_from_their_environment() -> None:
+    """The image binds 0.0.0.0 and bakes no token; compose refuses to start without one
+    (``${VAR:?message}``); Kubernetes reads it from a Secret key that must exist."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "HOST=0.0.0.0" in dockerfile and "SIDECAR_TOKEN=" not in dockerfile
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    token = compose["services"]["consumer"]["environment"]["SIDECAR_TOKEN"]
+    assert token.startswith("${SIDECAR_TOKEN:?") and token.endswith("}")
+    deployment = next(
+        d
+        for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())
+        if d["kind"] == "Deployment"
+    )
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    secret = env["SIDECAR_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert secret["name"] and secret["key"] and not secret.get("optional", False)
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pinned_models_file(weights_dir: Path) -> Path:
+    """A models file serving stub_v1 from stub_v1.pt, pinned to that file's sha256."""
+    path = weights_dir / "pinned.toml"
+    pin = sha256_of(weights_dir / "stub_v1.pt")
+    path.write_text(
+        '[[models]]\nmodel_id = "stub_v1"\nformat = "state_dict"\narchitecture = "stub"\n'
+        f'file = "stub_v1.pt"\ninput_shape = [128]\nsha256 = "{pin}"\n'
+    )
+    return path
+
+
+async def test_a_pinned_model_reloads_only_files_whose_sha256_an_admin_named(
+    service_factory, weights_dir
+) -> None:
+    v2_sha256 = sha256_of(weights_dir / "stub_v2.pt")
+    async with service_factory(
+        weights_dir=weights_dir, models_config=pinned_models_file(weights_dir)
+    ) as svc:
+        url = svc.base_url + "/models/stub_v1/reload"
+        before = svc.worker.registry.get("stub_v1").version
+        status, body = await post(url, {"weights_path": "stub_v2.pt"})
+        assert status == 409
+        pin = sha256_of(weights_dir / "stub_v1.pt")
+        assert "stub_v2.pt" in body["error"] and pin in body["error"] and v2_sha256 in body["error"]
+        status, body = await post(url, {"weights_path": "stub_v2.pt", "sha256": pin})
+        assert status == 409 and "the reload request expects" in body["error"]
+        assert svc.worker.registry.get("stub_v1").version == before
+        status, body = await post(url, {"weights_path": "stub_v2.pt", "sha256": v2_sha256})
+        assert status == 200 and body["version"].startswith("stub_v2-")
+        status, body = await post(url, {"weights_path": "stub_v1.pt"})  # the pinned file
+        assert status == 200 and body["version"] == before
+
+
+@pytest.mark.parametrize("sha256", ["A" * 64, "a" * 63, "g" * 64, 12, ""])
+async def test_a_malformed_sha256_in_a_reload_is_refused(service, sha256) -> None:
+    status, body = await post(
+        service.base_url + "/models/stub_v1/reload",
+        {"weights_path": "stub_v2.pt", "sha256": sha256},
+    )
+    assert status == 400 and "64 lowercase hex" in body["error"]
+
+
+async def test_an_unpinned_model_checks_a_sha256_given_in_the_reload(
+    service_factory, weights_dir
+) -> None:
+    async with service_factory(weights_dir=weights_dir) as svc:
+        url = svc.base_url + "/models/stub_v1/reload"
+        wrong = sha256_of(weights_dir / "stub_v1.pt")
+        assert (await post(url, {"weights_path": "stub_v2.pt", "sha256": wrong}))[0] == 409
+        right = sha256_of(weights_dir / "stub_v2.pt")
+        assert (await post(url, {"weights_path": "stub_v2.pt", "sha256": right}))[0] == 200
+
+
+async def test_pinned_consumers_refuse_to_follow_a_reload_to_another_file(
+    service_factory, weights_dir, caplog
+) -> None:
+    """The fleet record carries no sha256: a consumer whose pin names another hash keeps
+    serving its pinned file (now or when it starts later) and logs why."""
+    models = pinned_models_file(weights_dir)
+    v2_sha256 = sha256_of(weights_dir / "stub_v2.pt")
+    async with (
+        service_factory(weights_dir=weights_dir, models_config=models) as first,
+        service_factory(weights_dir=weights_dir, models_config=models) as second,
+    ):
+        pinned = second.worker.registry.get("stub_v1").version
+        status, body = await post(
+            first.base_url + "/models/stub_v1/reload",
+            {"weights_path": "stub_v2.pt", "sha256": v2_sha256},
+        )
+        assert status == 200 and body["consumers_notified"] >= 2
+
+        def refused() -> bool:
+            return any(
+                "cannot follow" in r.getMessage() and v2_sha256 in r.getMessage()
+                for r in caplog.records
+            )
+
+        await wait_for(refused)
+        assert second.worker.registry.get("stub_v1").version == pinned
+        async with service_factory(weights_dir=weights_dir, models_config=models) as late:
+            assert late.worker.registry.get("stub_v1").version == pinned
 
 
 async def reload_under_traffic(
