@@ -40,6 +40,8 @@ class DesiredModel(BaseModel):
 
     weights_path: str = Field(min_length=1, max_length=1024)
     version: str = Field(min_length=1, max_length=200)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    """The file's hash when the reload named one (a pinned model's new file)."""
 
 
 class ControlMessage(BaseModel):
@@ -83,10 +85,14 @@ class FleetControl:
         self.registry = registry
         self.metrics = metrics
 
-    async def reload(self, model_id: str, weights_path: str) -> dict[str, object]:
-        """Reload here; if it works, make every consumer follow. Raises ``ModelLoadError``."""
-        old, new = await self._reload(model_id, weights_path)
-        record = json.dumps({"weights_path": weights_path, "version": new})
+    async def reload(
+        self, model_id: str, weights_path: str, sha256: str | None = None
+    ) -> dict[str, object]:
+        """Reload here; if it works, make every consumer follow (with ``sha256``, the hash
+        the file must have, instead of the model's pin). Raises ``ModelLoadError``."""
+        old, new = await self._reload(model_id, weights_path, sha256)
+        desired = DesiredModel(weights_path=weights_path, version=new, sha256=sha256)
+        record = desired.model_dump_json(exclude_none=True)
         message = json.dumps({"model_id": model_id})
         if self.cluster:  # no MULTI across a cluster: the hash first, so a late joiner syncs
             await self.redis.hset(self.keys.desired_models, model_id, record)
@@ -103,12 +109,14 @@ class FleetControl:
             "consumers_notified": int(listeners),
         }
 
-    async def _reload(self, model_id: str, weights_path: str) -> tuple[str, str]:
+    async def _reload(
+        self, model_id: str, weights_path: str, sha256: str | None = None
+    ) -> tuple[str, str]:
         """Reload through the registry, counting the outcome (an unserved model id is
         counted as ``unknown``: request-supplied text never becomes a label value)."""
         label = model_id if self.registry.get(model_id) is not None else "unknown"
         try:
-            versions = await self.registry.reload(model_id, weights_path)
+            versions = await self.registry.reload(model_id, weights_path, sha256)
         except Exception:
             self.metrics.reloads.labels(label, "failed").inc()
             raise
@@ -129,7 +137,7 @@ class FleetControl:
         if current is None or current.version == record.version:
             return
         try:
-            old, new = await self._reload(model_id, record.weights_path)
+            old, new = await self._reload(model_id, record.weights_path, record.sha256)
         except Exception as exc:  # whatever the record names, the listener stays up
             message = exc.message if isinstance(exc, ModelLoadError) else repr(exc)
             log.error(

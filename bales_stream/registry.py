@@ -6,9 +6,8 @@ gets the new one. Loading and warm-up run in the executor; the old model serves 
 the new one is ready, and stays if loading fails.
 
 A model pinned in the models file (``sha256``) only ever loads a file with that hash, at
-start-up and on every reload, unless the reload request names another hash: the sidecar
-sets ``requested_sha256`` for the duration of one reload request (a reload a consumer
-follows from the fleet carries none, so it is checked against the pin).
+start-up and on every reload, unless the reload names another hash (an admin's reload
+request may; the fleet record carries it to every consumer).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,6 @@ log = logging.getLogger(__name__)
 
 RunBlocking = Callable[..., Awaitable[Any]]
 """``await run_blocking(fn, *args)`` runs ``fn`` in the worker's executor."""
-
-requested_sha256: ContextVar[str | None] = ContextVar("requested_sha256", default=None)
-"""The sha256 an admin's reload request names for its file (set by the sidecar around one
-reload); None: the model's pin, if any, applies."""
 
 
 def confine(weights_dir: Path, raw_path: str) -> Path:
@@ -115,10 +109,12 @@ class ModelRegistry:
         self._configs[model_id] = config
         return model
 
-    async def reload(self, model_id: str, weights_path: str) -> tuple[str, str]:
+    async def reload(
+        self, model_id: str, weights_path: str, sha256: str | None = None
+    ) -> tuple[str, str]:
         """Load a new file for a served model (same format, type and input shape) and swap
         it in; returns (old, new) versions. Raises ``ModelLoadError`` (the old one stays),
-        409 when the file's sha256 is not the requested one or, without one, the pin."""
+        409 when the file's sha256 is not ``sha256`` or, without one, the model's pin."""
         current = self._models.get(model_id)
         if current is None:
             raise ModelLoadError(f"model {model_id!r} is not served", 404)
@@ -126,9 +122,7 @@ class ModelRegistry:
         config = self._configs[model_id]
         lock = self._reload_locks.setdefault(model_id, asyncio.Lock())
         async with lock:
-            fresh: LoadedModel = await self._run_blocking(
-                load_model, config, path, requested_sha256.get()
-            )
+            fresh: LoadedModel = await self._run_blocking(load_model, config, path, sha256)
             if fresh.spec != current.spec:
                 raise ModelLoadError(
                     f"new weights change the model's interface from {current.spec} to {fresh.spec}"

@@ -16,7 +16,6 @@ from redis.exceptions import RedisError
 
 from .errors import ModelLoadError
 from .model_config import check_sha256
-from .registry import requested_sha256
 from .shards import UNSHARDED
 from .worker import Worker
 
@@ -135,16 +134,13 @@ async def reload_model(request: web.Request) -> web.Response:
     except ValueError as exc:
         return _problem(400, str(exc))
     model_id = request.match_info["model_id"]
-    asked = requested_sha256.set(sha256)
     try:
-        outcome = await worker.control.reload(model_id, weights_path)
+        outcome = await worker.control.reload(model_id, weights_path, sha256)
     except ModelLoadError as exc:
         log.warning("reload of %s refused: %s", model_id, exc.message)
         return _problem(exc.http_status, exc.message)
     except RedisError as exc:
         return _problem(503, f"reloaded here, but could not tell the other consumers: {exc}")
-    finally:
-        requested_sha256.reset(asked)
     return web.json_response(outcome)
 
 

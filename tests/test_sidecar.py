@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -266,34 +267,34 @@ async def test_an_unpinned_model_checks_a_sha256_given_in_the_reload(
         assert (await post(url, {"weights_path": "stub_v2.pt", "sha256": right}))[0] == 200
 
 
-async def test_pinned_consumers_refuse_to_follow_a_reload_to_another_file(
-    service_factory, weights_dir, caplog
+async def test_a_pinned_reload_that_names_the_hash_reaches_every_consumer(
+    service_factory, weights_dir, aredis, keys
 ) -> None:
-    """The fleet record carries no sha256: a consumer whose pin names another hash keeps
-    serving its pinned file (now or when it starts later) and logs why."""
+    """The fleet record carries the admin's sha256, so every pinned consumer follows (now,
+    or when it starts later); a record whose file does not match it is refused everywhere."""
     models = pinned_models_file(weights_dir)
     v2_sha256 = sha256_of(weights_dir / "stub_v2.pt")
     async with (
         service_factory(weights_dir=weights_dir, models_config=models) as first,
         service_factory(weights_dir=weights_dir, models_config=models) as second,
     ):
-        pinned = second.worker.registry.get("stub_v1").version
         status, body = await post(
             first.base_url + "/models/stub_v1/reload",
             {"weights_path": "stub_v2.pt", "sha256": v2_sha256},
         )
         assert status == 200 and body["consumers_notified"] >= 2
-
-        def refused() -> bool:
-            return any(
-                "cannot follow" in r.getMessage() and v2_sha256 in r.getMessage()
-                for r in caplog.records
-            )
-
-        await wait_for(refused)
-        assert second.worker.registry.get("stub_v1").version == pinned
+        await wait_for(lambda: second.worker.registry.get("stub_v1").version == body["version"])
+        record = json.loads(await aredis.hget(keys.desired_models, "stub_v1"))
+        assert record["sha256"] == v2_sha256
         async with service_factory(weights_dir=weights_dir, models_config=models) as late:
-            assert late.worker.registry.get("stub_v1").version == pinned
+            assert late.worker.registry.get("stub_v1").version == body["version"]
+        # a record naming the pinned file's hash for another file is refused by everyone
+        forged = {"weights_path": "stub_v1.pt", "version": "forged", "sha256": v2_sha256}
+        await aredis.hset(keys.desired_models, "stub_v1", json.dumps(forged))
+        await aredis.publish(keys.control_channel, json.dumps({"model_id": "stub_v1"}))
+        failed = second.worker.metrics.reloads.labels("stub_v1", "failed")
+        await wait_for(lambda: failed._value.get() >= 1)
+        assert second.worker.registry.get("stub_v1").version == body["version"]
 
 
 async def reload_under_traffic(
