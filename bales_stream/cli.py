@@ -201,7 +201,9 @@ def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
     base = args.url or f"http://127.0.0.1:{settings.port}"
     request = urllib.request.Request(
         f"{base}/models/{args.model_id}/reload",
-        data=json.dumps({"weights_path": args.weights_path}).encode(),
+        data=json.dumps(
+            {"weights_path": args.weights_path} | ({"sha256": args.sha256} if args.sha256 else {})
+        ).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
@@ -271,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="hot-reload a model on every consumer")
     reload.add_argument("model_id", help="a served model, e.g. stub_v1")
     reload.add_argument("weights_path", help="file inside WEIGHTS_DIR, e.g. stub_v2.pt")
+    reload.add_argument(
+        "--sha256", help="the file's sha256 (needed to move a pinned model to another file)"
+    )
     reload.add_argument("--url", help="sidecar base URL (default http://127.0.0.1:$PORT)")
     reload.add_argument("--timeout-s", type=float, default=60.0)
     reload.set_defaults(func=cmd_reload)

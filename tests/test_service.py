@@ -220,6 +220,11 @@ async def test_reload_command_swaps_the_model_and_needs_the_token(
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["version"].startswith("stub_v2-")
         assert svc.worker.registry.get("stub_v1").version.startswith("stub_v2-")
+        wrong_hash = "0" * 64  # the file's hash is checked when one is named
+        pinned = await asyncio.to_thread(
+            cli, "reload", "stub_v1", "stub_v1.pt", "--sha256", wrong_hash, env=env
+        )
+        assert pinned.returncode == 1 and "reload refused (409)" in pinned.stderr
 
 
 async def test_info_shows_the_age_of_the_oldest_waiting_request(redis_url, prefix) -> None:
