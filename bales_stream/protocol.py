@@ -257,6 +257,14 @@ def _f32_array(raw: bytes, spec: ModelSpec) -> np.ndarray:
 
 
 def _json_array(raw: bytes, spec: ModelSpec) -> np.ndarray:
+    # A rectangular array of n numbers has exactly n - 1 commas, whatever its nesting: more
+    # commas cannot fit the model, and are refused before decoding (the decode runs on the
+    # event loop, so its cost must not grow with MAX_INPUT_BYTES).
+    commas = raw.count(b",")
+    if commas >= spec.input_size:
+        raise invalid(
+            f"input has at least {commas + 1} values; {spec.model_id} expects {spec.input_size}"
+        )
     try:
         value = orjson.loads(raw)  # strict JSON: NaN, Infinity and 1e400 are refused
     except orjson.JSONDecodeError as exc:
