@@ -112,9 +112,8 @@ class FleetControl:
     async def _reload(
         self, model_id: str, weights_path: str, sha256: str | None = None
     ) -> tuple[str, str]:
-        """Reload through the registry, counting the outcome (an unserved model id is
-        counted as ``unknown``: request-supplied text never becomes a label value)."""
-        label = model_id if self.registry.get(model_id) is not None else "unknown"
+        """Reload through the registry, counting the outcome (under ``metric_label``)."""
+        label = self.registry.metric_label(model_id)
         try:
             versions = await self.registry.reload(model_id, weights_path, sha256)
         except Exception:

@@ -21,10 +21,12 @@ from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
+from .admission import Admission
+from .completion import Completer
 from .metrics import Metrics
 from .settings import Settings
-from .shards import Held, ShardedStreams
-from .streams import StreamEntry, bounded
+from .shards import ShardedStreams
+from .streams import bounded
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +42,14 @@ class Recovery:
         streams: ShardedStreams,
         settings: Settings,
         metrics: Metrics,
-        held: Callable[[], list[Held]],
-        admit: Callable[[list[StreamEntry]], Awaitable[None]],
-        give_up: Callable[[StreamEntry, int], Awaitable[None]],
+        admission: Admission,
+        completer: Completer,
     ) -> None:
         self.streams = streams
         self.settings = settings
         self.metrics = metrics
-        self._held = held
-        self._admit = admit
-        self._give_up = give_up
+        self.admission = admission
+        self.completer = completer
         self._cursors = {
             (shard, priority): "0-0"
             for shard in streams.stores
@@ -67,7 +67,7 @@ class Recovery:
 
     async def refresh_lease(self) -> None:
         """Reset the idle time of everything this worker holds."""
-        lost = await self.streams.refresh_lease(self._held())
+        lost = await self.streams.refresh_lease(self.admission.held())
         if lost:
             log.warning("%d held entries were claimed by another consumer", lost)
 
@@ -79,7 +79,7 @@ class Recovery:
                 priority, cursor, self.settings.claim_idle_ms, CLAIM_BATCH
             )
             self._cursors[(shard, priority)] = claimed.cursor
-            held = set(self._held())
+            held = set(self.admission.held())
             # Our own held entries whose lease ran late come back too: they are alive here,
             # so they are neither retried nor given up on.
             orphans = [e for e in claimed.entries if (e.shard, e.priority, e.entry_id) not in held]
@@ -91,10 +91,10 @@ class Recovery:
             for entry in orphans:
                 deliveries = claimed.deliveries.get(entry.entry_id, 1)
                 if deliveries > self.settings.max_deliveries:
-                    await self._give_up(entry, deliveries)
+                    await self.completer.give_up(entry, deliveries)
                 else:
                     retry.append(entry)
-            await self._admit(retry)
+            await self.admission.admit(retry, retried=True)
 
     async def trim(self) -> None:
         """Trim every stream below the oldest entry the group still needs."""

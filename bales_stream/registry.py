@@ -25,6 +25,7 @@ from .protocol import ModelSpec
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_LABEL = "_unknown"
 RunBlocking = Callable[..., Awaitable[Any]]
 """``await run_blocking(fn, *args)`` runs ``fn`` in the worker's executor."""
 
@@ -62,6 +63,11 @@ class ModelRegistry:
     def get(self, model_id: str) -> LoadedModel | None:
         """The current version of a model, or None if it is not served."""
         return self._models.get(model_id)
+
+    def metric_label(self, model_id: str) -> str:
+        """``model_id`` as a metric label value: a served model's id, else ``_unknown``
+        (request-supplied text must never grow the number of series)."""
+        return model_id if model_id in self._models else UNKNOWN_LABEL
 
     def spec(self, model_id: str) -> ModelSpec | None:
         """The input spec of a served model (the decoder's model lookup)."""

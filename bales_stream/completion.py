@@ -1,0 +1,134 @@
+"""Answering entries: writing replies and acking (bounded retries), and dead-lettering.
+
+One home for what happens once an entry's outcome is known: ``complete`` writes replies and
+acks in one fenced step (``streams``), retried at most ``COMPLETION_ATTEMPTS`` times on
+transient Redis errors and never on a permanent one, so a batch never loops on Redis; what
+cannot be completed stays pending, to be reclaimed after CLAIM_IDLE_MS and dead-lettered
+after MAX_DELIVERIES. ``dead_letter`` and ``give_up`` move entries to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from bales_producer import wire
+from redis.exceptions import RedisError
+
+from .metrics import Metrics
+from .protocol import read_envelope
+from .registry import ModelRegistry
+from .replies import Completion, error_completion
+from .settings import Settings
+from .shards import ShardedStreams, shard_label
+from .status import BACKOFF_START_S, RedisTrouble, next_backoff_s
+from .streams import Completed, StreamEntry, bounded, is_permanent
+
+log = logging.getLogger(__name__)
+
+COMPLETION_ATTEMPTS = 6
+"""Tries of one completion on transient Redis errors (backoff 0.1 .. 3.2 s between them);
+after that, or at once on a permanent error, its entries stay pending: reclaimed after
+CLAIM_IDLE_MS and dead-lettered after MAX_DELIVERIES, never retried forever."""
+
+
+class Completer:
+    """Writes replies, acks, and dead letters for one consumer."""
+
+    def __init__(
+        self,
+        streams: ShardedStreams,
+        settings: Settings,
+        metrics: Metrics,
+        trouble: RedisTrouble,
+        registry: ModelRegistry,
+    ) -> None:
+        self.streams = streams
+        self.settings = settings
+        self.metrics = metrics
+        self.trouble = trouble
+        self.registry = registry
+
+    async def complete(self, completions: list[Completion]) -> None:
+        """Write replies and ack (the script is idempotent, so a retry repeats nothing)."""
+        backoff_s = BACKOFF_START_S
+        for attempt in range(1, COMPLETION_ATTEMPTS + 1):
+            if not completions:
+                return
+            try:
+                async with bounded(self.settings.redis_timeout_s):
+                    done = await self.streams.complete(completions)
+            except RedisError as exc:
+                if is_permanent(exc) or attempt == COMPLETION_ATTEMPTS:
+                    self.metrics.redis_errors.inc()
+                    log.error(
+                        "could not complete %d entries (%s: %s); they stay pending for a retry",
+                        len(completions),
+                        type(exc).__name__,
+                        exc,
+                    )
+                    return
+                await self.trouble.back_off(exc, backoff_s)
+                backoff_s = next_backoff_s(backoff_s)
+                continue
+            self.trouble.answered()
+            self._count(done)
+            return
+
+    def _count(self, done: Completed) -> None:
+        if done.stale:
+            log.warning("%d replies dropped: their entries are no longer ours", done.stale)
+            self.metrics.stale_completions.inc(done.stale)
+        if done.bad_reply_keys or done.bad_inboxes:
+            log.warning(
+                "%d reply keys and %d reply_to inboxes hold another type: those replies "
+                "were skipped (the entries are acked)",
+                done.bad_reply_keys,
+                done.bad_inboxes,
+            )
+            self.metrics.undeliverable.labels("reply").inc(done.bad_reply_keys)
+            self.metrics.undeliverable.labels("inbox").inc(done.bad_inboxes)
+
+    async def dead_letter(
+        self, entry: StreamEntry, reason: str, reply: Completion | None = None
+    ) -> None:
+        """Move an entry to its shard's dead-letter stream, acked (with ``reply``, its
+        client's error reply is written in the same step)."""
+        log.warning(
+            "dead-lettering entry %s of p%d: %s",
+            entry.entry_id,
+            entry.priority,
+            reason,
+            extra={"entry_id": entry.entry_id, "priority": entry.priority},
+        )
+        if not await self.streams.dead_letter(entry, reason, reply):
+            log.error(
+                "the dead-letter stream of shard %s cannot take records (a key of another "
+                "type?): entry %s of p%d was acked without a record",
+                shard_label(entry.shard),
+                entry.entry_id,
+                entry.priority,
+            )
+        self.metrics.dead_letters.inc()
+
+    async def give_up(self, entry: StreamEntry, deliveries: int) -> None:
+        """Dead-letter an entry that failed on every delivery, and tell its client."""
+        reason = (
+            f"failed on {deliveries - 1} deliveries (MAX_DELIVERIES="
+            f"{self.settings.max_deliveries}); moved to "
+            f"{self.streams.store(entry.shard).keys.dead_letter}"
+        )
+        try:
+            envelope = read_envelope(
+                entry.entry_id,
+                entry.fields,
+                entry.priority,
+                self.settings.keys,
+                entry.shard,
+                entry.withheld,
+            )
+        except Exception:  # no usable request_id: nobody to tell
+            await self.dead_letter(entry, reason)
+            return
+        reply = error_completion(envelope, wire.ERROR_DEAD_LETTER, reason)
+        await self.dead_letter(entry, reason, reply)
+        self.metrics.count(self.registry.metric_label(envelope.model_id), wire.ERROR_DEAD_LETTER)

@@ -1,0 +1,89 @@
+"""What a consumer says about itself (/health, /ready), and the one policy for a failed
+Redis call: count it, mark Redis unreachable, back off (cut short by a stop), and recreate a
+consumer group that vanished."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError, ResponseError
+
+from .metrics import Metrics
+from .shards import ShardedStreams
+from .supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass
+class WorkerStatus:
+    """What /health and /ready report."""
+
+    models_loaded: bool = False
+    group_joined: bool = False
+    redis_ok: bool = False
+    last_error: str | None = None
+    stopping: bool = False
+    supervisor: Supervisor | None = None
+
+    @property
+    def task_problems(self) -> list[str]:
+        """Long-lived tasks that are down or restarting in a loop (see ``supervisor``)."""
+        return self.supervisor.problems() if self.supervisor is not None else []
+
+    @property
+    def ready(self) -> bool:
+        """Ready to take traffic: models loaded, group joined, Redis reachable, every
+        long-lived task up."""
+        return (
+            self.models_loaded
+            and self.group_joined
+            and self.redis_ok
+            and not self.stopping
+            and not self.task_problems
+        )
+
+
+def next_backoff_s(backoff_s: float) -> float:
+    """The backoff after ``backoff_s``: doubled, at most ``BACKOFF_MAX_S``."""
+    return min(backoff_s * 2, BACKOFF_MAX_S)
+
+
+class RedisTrouble:
+    """How every loop of a consumer reacts to a failed Redis call."""
+
+    def __init__(
+        self,
+        status: WorkerStatus,
+        metrics: Metrics,
+        streams: ShardedStreams,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.status = status
+        self.metrics = metrics
+        self.streams = streams
+        self.stopping = stopping
+
+    async def back_off(self, exc: RedisError, backoff_s: float) -> None:
+        """Record ``exc``, then wait ``backoff_s`` (less if a stop is asked)."""
+        self.metrics.redis_errors.inc()
+        self.status.redis_ok = False
+        self.status.last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("Redis error (%s); retrying in %.1f s", self.status.last_error, backoff_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(backoff_s):
+                await self.stopping.wait()
+        if isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP"):
+            log.warning("consumer group vanished; recreating it")
+            with contextlib.suppress(RedisError):
+                await self.streams.ensure_groups()
+
+    def answered(self) -> None:
+        """A Redis call succeeded: Redis is reachable."""
+        self.status.redis_ok = True
