@@ -100,14 +100,15 @@ class Completer:
             reason,
             extra={"entry_id": entry.entry_id, "priority": entry.priority},
         )
-        if not await self.streams.dead_letter(entry, reason, reply):
-            log.error(
-                "the dead-letter stream of shard %s cannot take records (a key of another "
-                "type?): entry %s of p%d was acked without a record",
-                shard_label(entry.shard),
-                entry.entry_id,
-                entry.priority,
-            )
+        recorded = await self.streams.dead_letter(entry, reason, reply)
+        self.trouble.status.report(
+            f"dead-letter:{entry.shard}",
+            None
+            if recorded
+            else f"the dead-letter stream of shard {shard_label(entry.shard)} cannot take "
+            f"records (a key of another type?): entry {entry.entry_id} of p{entry.priority} "
+            "was acked without a record",
+        )
         self.metrics.dead_letters.inc()
 
     async def give_up(self, entry: StreamEntry, deliveries: int) -> None:

@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .model_config import MODEL_ID_PATTERN
 from .registry import ModelRegistry
 from .settings import Settings
+from .status import WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,15 @@ class FleetControl:
     """Reloads that reach every consumer of the group."""
 
     def __init__(
-        self, redis: aioredis.Redis, settings: Settings, registry: ModelRegistry, metrics: Metrics
+        self,
+        redis: aioredis.Redis,
+        settings: Settings,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        status: WorkerStatus,
     ) -> None:
         self.redis = redis
+        self.status = status
         self.keys = settings.keys
         self.cluster = settings.cluster_mode
         self.registry = registry
@@ -132,21 +139,24 @@ class FleetControl:
                 await self._follow(*parsed)
 
     async def _follow(self, model_id: str, record: DesiredModel) -> None:
+        """Serve the record's version of ``model_id``; one that cannot be loaded stands as a
+        problem (in /ready and /health) until a record this consumer can follow arrives."""
         current = self.registry.get(model_id)
+        key = f"follow:{model_id}"
         if current is None or current.version == record.version:
+            self.status.report(key, None)
             return
         try:
             old, new = await self._reload(model_id, record.weights_path, record.sha256)
         except Exception as exc:  # whatever the record names, the listener stays up
             message = exc.message if isinstance(exc, ModelLoadError) else repr(exc)
-            log.error(
-                "cannot follow the fleet's reload of %s to %s: %s; still serving %s",
-                model_id,
-                record.version,
-                message,
-                current.version,
+            self.status.report(
+                key,
+                f"cannot follow the fleet's reload of {model_id} to {record.version}: "
+                f"{message}; still serving {current.version}",
             )
             return
+        self.status.report(key, None)
         log.info("followed the fleet: %s %s -> %s", model_id, old, new)
 
     async def listen(self) -> None:

@@ -26,7 +26,8 @@ from .completion import Completer
 from .metrics import Metrics
 from .settings import Settings
 from .shards import ShardedStreams
-from .streams import bounded
+from .status import WorkerStatus
+from .streams import bounded, is_permanent
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,14 @@ class Recovery:
         metrics: Metrics,
         admission: Admission,
         completer: Completer,
+        status: WorkerStatus,
     ) -> None:
         self.streams = streams
         self.settings = settings
         self.metrics = metrics
         self.admission = admission
         self.completer = completer
+        self.status = status
         self._cursors = {
             (shard, priority): "0-0"
             for shard in streams.stores
@@ -103,6 +106,9 @@ class Recovery:
             log.debug("trimmed %d answered entries", trimmed)
 
     async def _every(self, interval_s: float, tick: Callable[[], Awaitable[None]]) -> None:
+        """Run ``tick`` every ``interval_s``; a Redis error is retried next tick, and one that
+        retrying cannot cure stands as a problem in /ready and /health until a tick works."""
+        key = f"loop:{tick.__name__}"
         while True:
             await asyncio.sleep(interval_s)
             try:
@@ -110,6 +116,10 @@ class Recovery:
                     await tick()
             except RedisError as exc:
                 self.metrics.redis_errors.inc()
+                problem = f"{tick.__name__} fails on every tick ({type(exc).__name__}: {exc})"
+                self.status.report(key, problem if is_permanent(exc) else None)
                 log.warning(
                     "%s failed (%s: %s); retrying next tick", tick.__name__, type(exc).__name__, exc
                 )
+            else:
+                self.status.report(key, None)

@@ -85,7 +85,7 @@ async def health(request: web.Request) -> web.Response:
         "queues": queues,
         "batcher": {"waiting": len(worker.batcher)},
         "tasks": worker.supervisor.report(),
-        "problems": worker.status.task_problems,
+        "problems": worker.status.problems,
     }
     return web.json_response(body)
 
@@ -104,7 +104,7 @@ async def ready(request: web.Request) -> web.Response:
             ("shutting down", status.stopping),
         )
         if failing
-    ] + status.task_problems
+    ] + status.problems
     return web.json_response({"ready": False, "reasons": reasons}, status=503)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -31,11 +31,25 @@ class WorkerStatus:
     last_error: str | None = None
     stopping: bool = False
     supervisor: Supervisor | None = None
+    standing: dict[str, str] = field(default_factory=dict)
+    """Problems that persist until the next success of what raised them, by key (a loop
+    failing on a permanent Redis error, a dead-letter stream that refuses records, a fleet
+    reload this consumer cannot follow)."""
+
+    def report(self, key: str, problem: str | None) -> None:
+        """Set (``problem``) or clear (None) the standing problem ``key``."""
+        if problem is None:
+            self.standing.pop(key, None)
+        elif self.standing.get(key) != problem:
+            log.error("%s", problem)
+            self.standing[key] = problem
 
     @property
-    def task_problems(self) -> list[str]:
-        """Long-lived tasks that are down or restarting in a loop (see ``supervisor``)."""
-        return self.supervisor.problems() if self.supervisor is not None else []
+    def problems(self) -> list[str]:
+        """What keeps this consumer from doing its whole job: tasks down or restarting in a
+        loop (see ``supervisor``), then the standing problems."""
+        tasks = self.supervisor.problems() if self.supervisor is not None else []
+        return [*tasks, *self.standing.values()]
 
     @property
     def ready(self) -> bool:
@@ -46,7 +60,7 @@ class WorkerStatus:
             and self.group_joined
             and self.redis_ok
             and not self.stopping
-            and not self.task_problems
+            and not self.problems
         )
 
 

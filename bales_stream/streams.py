@@ -141,6 +141,19 @@ def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+_MAX_ID_PART = 2**64 - 1
+
+
+def _after(ms: int, seq: int) -> tuple[int, int]:
+    """The entry ID right after ``ms-seq`` (a client may XADD the largest ID there is: then
+    nothing comes after it, and it is kept)."""
+    if seq < _MAX_ID_PART:
+        return ms, seq + 1
+    if ms < _MAX_ID_PART:
+        return ms + 1, 0
+    return ms, seq
+
+
 async def complete_on_cluster(parts: list[tuple[StreamStore, list[Completion]]]) -> Completed:
     """Complete the entries of one or more shards of a Redis Cluster in two steps in all:
     every reply, each written once (``StreamStore.write_replies_on_cluster``); then one
@@ -458,8 +471,7 @@ class StreamStore:
             if summary.get("min"):
                 needed.append(_parse_id(summary["min"]))
             else:  # nothing pending (or all acked since XINFO): keep only what is not yet read
-                ms, seq = _parse_id(group["last-delivered-id"])
-                needed.append((ms, seq + 1))
+                needed.append(_after(*_parse_id(group["last-delivered-id"])))
         ms, seq = min(needed)
         return f"{ms}-{seq}"
 

@@ -89,8 +89,10 @@ class Worker:
         self.admission = Admission(
             settings, self.registry, self.batcher, self.clock, metrics, self.completer
         )
-        self.recovery = Recovery(self.streams, settings, metrics, self.admission, self.completer)
-        self.control = FleetControl(redis, settings, self.registry, metrics)
+        self.recovery = Recovery(
+            self.streams, settings, metrics, self.admission, self.completer, self.status
+        )
+        self.control = FleetControl(redis, settings, self.registry, metrics, self.status)
         # Larger reads under backlog pay (fewer round trips); the buffer bound keeps the
         # priority decision close to the model and the memory use small.
         self.read_count = max(2 * settings.max_batch_size, MIN_READ_COUNT)

@@ -420,6 +420,6 @@ async def test_hostile_entries_on_a_cluster_are_answered_and_acked(cluster, rc) 
         assert await rc.get(keys.inbox("taken")) == b"not a list"
         assert await rc.hgetall(keys.reply("squatted")) == {b"k": b"v"}
         assert (await rc.xpending(keys.stream(1), "bales"))["pending"] == 0
-        assert worker.status.ready and worker.status.task_problems == []
+        assert worker.status.ready and worker.status.problems == []
     finally:
         await worker.stop()

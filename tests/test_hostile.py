@@ -32,7 +32,7 @@ async def assert_still_serving(svc, aredis, keys: KeySpace) -> None:
     canary = f"canary-{uuid.uuid4().hex[:8]}"
     await xadd(aredis, keys, request_id=canary)
     assert (await reply_of(aredis, keys, canary))["status"] == "ok"
-    assert svc.worker.status.task_problems == []
+    assert svc.worker.status.problems == []
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"{svc.base_url}/ready") as response,
@@ -116,8 +116,21 @@ async def test_junk_fleet_records_never_stop_a_consumer(service_factory, aredis,
         await aredis.hset(keys.desired_models, "stub_v1", long_path)
         await aredis.publish(keys.control_channel, b'{"model_id": "stub_v1"}')
         await wait_for(lambda: svc.worker.metrics.reloads.labels("stub_v1", "failed")._value.get())
+        version = svc.worker.registry.get("stub_v1").version
+        assert version.startswith("stub_v1-")  # still serving what it served
+        # a record it cannot follow is a standing problem: /ready tells, until one it can
+        [problem] = svc.worker.status.problems
+        assert "cannot follow the fleet's reload of stub_v1 to v-long" in problem
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{svc.base_url}/ready") as response,
+        ):
+            assert response.status == 503 and problem in (await response.json())["reasons"]
+        followable = json.dumps({"weights_path": "stub_v1.pt", "version": version})
+        await aredis.hset(keys.desired_models, "stub_v1", followable)
+        await aredis.publish(keys.control_channel, b'{"model_id": "stub_v1"}')
+        await wait_for(lambda: not svc.worker.status.problems)
         await assert_still_serving(svc, aredis, keys)
-        assert svc.worker.registry.get("stub_v1").version.startswith("stub_v1-")
 
 
 async def test_oversized_fields_never_reach_the_consumer(service_factory, aredis, keys) -> None:
@@ -221,3 +234,26 @@ async def test_the_service_exits_non_zero_when_a_task_cannot_stay_up(
     settings = make_settings(trim_interval_s=0.01)
     status = await asyncio.wait_for(service_module.run_service(settings), timeout=60)
     assert status == service_module.EXIT_TASK_FAILED
+
+
+async def test_the_largest_entry_id_there_is_breaks_no_loop(service, aredis, keys) -> None:
+    largest = f"{2**64 - 1}-{2**64 - 1}"  # the stream can take no entry after it, ever
+    await xadd(aredis, keys, priority=2, entry_id=largest, request_id="last-id")
+    assert (await reply_of(aredis, keys, "last-id"))["status"] == "ok"
+    await service.worker.recovery.trim()  # used to fail on every tick (ID overflow)
+    assert service.worker.status.problems == []
+    await assert_still_serving(service, aredis, keys)
+
+
+async def test_a_dead_letter_stream_of_another_type_is_a_standing_problem(
+    service, aredis, keys
+) -> None:
+    await aredis.set(keys.dead_letter, "not a stream")
+    await aredis.xadd(keys.stream(1), {"request_id": "bad id!", "input": "[]"})
+    await wait_for(lambda: service.worker.status.problems)
+    assert "cannot take records" in service.worker.status.problems[0]
+    assert await pending_count(aredis, keys) == 0  # acked all the same, never retried
+    await aredis.delete(keys.dead_letter)
+    await aredis.xadd(keys.stream(1), {"request_id": "bad id 2", "input": "[]"})
+    await wait_for(lambda: not service.worker.status.problems)  # recorded again: cleared
+    await assert_still_serving(service, aredis, keys)
