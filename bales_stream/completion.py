@@ -112,9 +112,11 @@ class Completer:
         self.metrics.dead_letters.inc()
 
     async def give_up(self, entry: StreamEntry, deliveries: int) -> None:
-        """Dead-letter an entry that failed on every delivery, and tell its client."""
+        """Dead-letter an entry delivered MAX_DELIVERIES times without an answer (the model
+        raised on it, or the consumer holding it stopped: a request that kills its consumer
+        is poison too), and tell its client."""
         reason = (
-            f"failed on {deliveries - 1} deliveries (MAX_DELIVERIES="
+            f"delivered {deliveries - 1} times without an answer (MAX_DELIVERIES="
             f"{self.settings.max_deliveries}); moved to "
             f"{self.streams.store(entry.shard).keys.dead_letter}"
         )

@@ -93,7 +93,7 @@ def check_sha256(value: str) -> str:
     """Return ``value`` if it is a sha256 as ``sha256sum`` prints it, else raise ValueError."""
     if not SHA256_PATTERN.fullmatch(value):
         raise ValueError(
-            f"sha256 must be 64 lowercase hex characters (as sha256sum prints), got {value!r}"
+            f"sha256 must be 64 lowercase hex characters (as sha256sum prints), got {value[:80]!r}"
         )
     return value
 

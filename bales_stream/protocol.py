@@ -38,6 +38,8 @@ KNOWN_FIELDS = frozenset(
     )
 )
 _F32 = np.dtype("<f4")
+_JSON_KINDS = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
+_JSON_KINDS[type(None)] = "null"
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,10 @@ def read_envelope(
     if raw_id is None:
         size = (withheld or {}).get(wire.FIELD_REQUEST_ID.encode())
         if size is not None:
-            raise Unanswerable(f"field request_id has {size} bytes: expected 1-128 chars")
+            raise Unanswerable(
+                f"field request_id ({size} bytes) was not read: it holds 1-128 chars, and only "
+                f"the first {MAX_FIELDS} fields of an entry are read"
+            )
         if not fields and not withheld:
             raise Unanswerable("entry has no fields (deleted from the stream?)")
         raise Unanswerable("missing field request_id")
@@ -182,7 +187,7 @@ def _refuse_withheld(withheld: dict[bytes, int], limits: Limits) -> None:
     for name, size in withheld.items():
         if name == wire.FIELD_INPUT.encode():
             raise invalid(f"input has {size} bytes; the limit is {limits.max_input_bytes}")
-        if name in KNOWN_FIELDS:
+        if name in KNOWN_FIELDS and name != wire.FIELD_TRACEPARENT.encode():  # that one: ignored
             raise invalid(
                 f"field {name.decode()} has {size} bytes and was not read: fields other than "
                 f"input hold at most {MAX_FIELD_BYTES} bytes, and an entry at most "
@@ -272,7 +277,8 @@ def _json_array(raw: bytes, spec: ModelSpec) -> np.ndarray:
             f"input is not valid JSON ({exc}): expected a JSON array of numbers"
         ) from None
     if not isinstance(value, list):
-        raise invalid(f"input is a JSON {type(value).__name__}: expected an array of numbers")
+        kind = _JSON_KINDS.get(type(value), "value")
+        raise invalid(f"input is a JSON {kind}: expected an array of numbers")
     try:
         array = np.array(value)
     except (ValueError, OverflowError):

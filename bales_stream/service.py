@@ -65,7 +65,7 @@ EXIT_TASK_FAILED = 3
 
 
 async def run_service(settings: Settings, *, demo: bool = False) -> int:
-    """Run until SIGTERM/SIGINT, then stop gracefully (exit status 0); or until a
+    """Run until SIGTERM/SIGINT/SIGHUP, then stop gracefully (exit status 0); or until a
     long-lived task cannot stay up, then drain and return ``EXIT_TASK_FAILED`` so that the
     orchestrator restarts the process."""
     url, embedded = await resolve_redis_url(settings)
@@ -74,7 +74,7 @@ async def run_service(settings: Settings, *, demo: bool = False) -> int:
     sidecar = Sidecar(worker, settings.host, settings.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # HUP: a closed terminal
         loop.add_signal_handler(signum, stop.set)
     log.info(
         "bales-stream starting: redis=%s group=%s consumer=%s",

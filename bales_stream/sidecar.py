@@ -149,13 +149,13 @@ def _reload_body(text: str) -> tuple[str, str | None]:
     expected = 'body must be {"weights_path": "<file in WEIGHTS_DIR>", "sha256": "<optional>"}'
     try:
         body = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # also huge integers, nesting beyond the limit
         raise ValueError(f"{expected}, as JSON") from None
     if not isinstance(body, dict) or not isinstance(body.get("weights_path"), str):
         raise ValueError(expected)
     sha256 = body.get("sha256")
     if sha256 is not None:
-        check_sha256(sha256 if isinstance(sha256, str) else repr(sha256))
+        check_sha256(sha256 if isinstance(sha256, str) else f"<a JSON {type(sha256).__name__}>")
     return body["weights_path"], sha256
 
 

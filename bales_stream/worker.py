@@ -132,6 +132,7 @@ class Worker:
         what cannot be finished in time stays pending for another consumer."""
         self.status.stopping = True
         self._stopping.set()
+        await self.supervisor.cancel("reclaim")  # a draining consumer takes over nothing
         try:
             async with asyncio.timeout(self.settings.shutdown_grace_s):
                 await self._drain()

@@ -253,7 +253,7 @@ async def poison(rounds: int = 21) -> Row:
             row.ok
             and len(dead) == len(poisons)
             and codes.count("dead_letter") == len(poisons)
-            and reasons == {"failed on 3 deliveries (MAX_DELIVERIES=3)"}
+            and reasons == {"delivered 3 times without an answer (MAX_DELIVERIES=3)"}
             and capacity >= 0.95
         )
     finally:

@@ -209,3 +209,13 @@ async def test_admission_reopens_when_the_backlog_drains(
                 return True
 
             await wait_for(admitted)
+
+
+def test_request_ids_are_unguessable_and_unique() -> None:
+    from bales_producer.core import new_request_id
+
+    ids = [new_request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    # no shared prefix or counter: knowing one id tells nothing of the next
+    assert len({i[:8] for i in ids}) > 9_900

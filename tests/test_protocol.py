@@ -95,7 +95,7 @@ def test_the_wrong_shape_names_both_shapes() -> None:
         ({"model_id": ""}, "invalid_request", "missing field model_id"),
         ({"model_type": "regression"}, "invalid_request", "classification"),
         ({"input": "[1, 2"}, "invalid_request", "not valid JSON"),
-        ({"input": '{"a": 1}'}, "invalid_request", "JSON dict"),
+        ({"input": '{"a": 1}'}, "invalid_request", "JSON object"),
         ({"input": json.dumps(["x"] * 128)}, "invalid_request", "non-numbers"),
         ({"input": "[[1,2],[3]]"}, "invalid_request", "ragged"),
         ({"input": "[NaN" + ",1" * 127 + "]"}, "invalid_request", "not valid JSON"),

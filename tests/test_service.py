@@ -101,7 +101,10 @@ async def test_sigterm_during_traffic_loses_nothing(
     assert all(d["status"] == "ok" for d in documents)
 
 
-async def test_the_consumer_process_starts_serves_and_stops(redis_url, prefix, sync_redis) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+async def test_the_consumer_process_starts_serves_and_stops(
+    redis_url, prefix, sync_redis, signum
+) -> None:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -120,8 +123,9 @@ async def test_the_consumer_process_starts_serves_and_stops(redis_url, prefix, s
         )
         popped = await asyncio.to_thread(sync_redis.blpop, [keys.reply("proc-1")], 10)
         assert popped is not None and json.loads(popped[1])["status"] == "ok"
-        process.send_signal(signal.SIGINT)
-        await asyncio.wait_for(process.communicate(), timeout=15)
+        process.send_signal(signum)  # a graceful stop, whichever of these
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=15)
+        assert b"bales-stream stopped" in stderr
     finally:
         if process.returncode is None:
             process.kill()

@@ -341,3 +341,21 @@ async def test_reload_under_traffic_loses_nothing_and_switches_versions(
         await reload_under_traffic(
             client, svc.base_url + "/models/stub_v1/reload", weights_dir, 3000, seed=1
         )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 30_000 + b"]" * 30_000,  # nesting deeper than the JSON decoder goes
+        b'{"weights_path": "stub_v2.pt", "sha256": ' + b"9" * 20_000 + b"}",
+    ],
+)
+async def test_a_pathological_reload_body_is_a_400_not_a_500(service, body) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(service.base_url + "/models/stub_v1/reload", data=body) as response,
+    ):
+        assert response.status == 400, await response.text()
+        assert "body must be" in (await response.json())["error"] or "sha256" in (
+            await response.json()
+        )["error"]
