@@ -26,8 +26,8 @@ from .completion import Completer
 from .metrics import Metrics
 from .settings import Settings
 from .shards import ShardedStreams
-from .status import WorkerStatus
-from .streams import bounded, is_permanent
+from .status import RedisTrouble
+from .streams import bounded
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,14 @@ class Recovery:
         metrics: Metrics,
         admission: Admission,
         completer: Completer,
-        status: WorkerStatus,
+        trouble: RedisTrouble,
     ) -> None:
         self.streams = streams
         self.settings = settings
         self.metrics = metrics
         self.admission = admission
         self.completer = completer
-        self.status = status
+        self.trouble = trouble
         self._cursors = {
             (shard, priority): "0-0"
             for shard in streams.stores
@@ -116,10 +116,9 @@ class Recovery:
                     await tick()
             except RedisError as exc:
                 self.metrics.redis_errors.inc()
-                problem = f"{tick.__name__} fails on every tick ({type(exc).__name__}: {exc})"
-                self.status.report(key, problem if is_permanent(exc) else None)
+                self.trouble.stands(key, exc)
                 log.warning(
                     "%s failed (%s: %s); retrying next tick", tick.__name__, type(exc).__name__, exc
                 )
             else:
-                self.status.report(key, None)
+                self.trouble.answered(key)

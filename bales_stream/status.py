@@ -13,6 +13,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from .metrics import Metrics
 from .shards import ShardedStreams
+from .streams import is_permanent
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,14 @@ class RedisTrouble:
             with contextlib.suppress(RedisError):
                 await self.streams.ensure_groups()
 
-    def answered(self) -> None:
-        """A Redis call succeeded: Redis is reachable."""
+    def stands(self, key: str, exc: RedisError) -> None:
+        """Report ``exc`` as standing problem ``key`` if retrying cannot cure it (e.g. a
+        request stream replaced by a key of another type)."""
+        if is_permanent(exc):
+            self.status.report(key, f"{key} fails on every try ({type(exc).__name__}: {exc})")
+
+    def answered(self, key: str | None = None) -> None:
+        """A Redis call succeeded: Redis is reachable (and problem ``key`` is over)."""
         self.status.redis_ok = True
+        if key is not None:
+            self.status.report(key, None)

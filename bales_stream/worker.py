@@ -90,7 +90,7 @@ class Worker:
             settings, self.registry, self.batcher, self.clock, metrics, self.completer
         )
         self.recovery = Recovery(
-            self.streams, settings, metrics, self.admission, self.completer, self.status
+            self.streams, settings, metrics, self.admission, self.completer, self.trouble
         )
         self.control = FleetControl(redis, settings, self.registry, metrics, self.status)
         # Larger reads under backlog pay (fewer round trips); the buffer bound keeps the
@@ -215,11 +215,12 @@ class Worker:
                     )
                     await self.admission.admit(entries)
             except RedisError as exc:
+                self.trouble.stands(f"read:{store.shard}", exc)
                 await self.trouble.back_off(exc, backoff_s)
                 backoff_s = next_backoff_s(backoff_s)
                 continue
             backoff_s = BACKOFF_START_S
-            self.trouble.answered()
+            self.trouble.answered(f"read:{store.shard}")
 
     async def _answer_own_pending(self, store: StreamStore) -> None:
         """Entries delivered to this consumer name and not answered are answered first

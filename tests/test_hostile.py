@@ -148,7 +148,7 @@ async def test_oversized_fields_never_reach_the_consumer(service_factory, aredis
         [(_, record)] = await aredis.xrange(keys.dead_letter)
         assert record[b"size:request_id"] == b"50000"  # a bounded copy: the size, not the bytes
         assert b"field:request_id" not in record
-        assert "has 50000 bytes" in record[b"reason"].decode()
+        assert "request_id (50000 bytes) was not read" in record[b"reason"].decode()
         await assert_still_serving(svc, aredis, keys)
     assert await pending_count(aredis, keys) == 0
 
@@ -257,3 +257,17 @@ async def test_a_dead_letter_stream_of_another_type_is_a_standing_problem(
     await aredis.xadd(keys.stream(1), {"request_id": "bad id 2", "input": "[]"})
     await wait_for(lambda: not service.worker.status.problems)  # recorded again: cleared
     await assert_still_serving(service, aredis, keys)
+
+
+async def test_a_request_stream_of_another_type_is_a_standing_problem(
+    service_factory, aredis, keys
+) -> None:
+    async with service_factory(read_block_ms=50) as svc:
+        await aredis.delete(keys.stream(0))
+        await aredis.set(keys.stream(0), "an admin's mistake")
+        await wait_for(lambda: svc.worker.status.problems, timeout_s=20)
+        assert "fails on every try (ResponseError: WRONGTYPE" in svc.worker.status.problems[0]
+        assert not svc.worker.status.ready
+        await aredis.delete(keys.stream(0))  # the group is recreated (NOGROUP), reads resume
+        await wait_for(lambda: not svc.worker.status.problems, timeout_s=20)
+        await assert_still_serving(svc, aredis, keys)

@@ -356,6 +356,7 @@ async def test_a_pathological_reload_body_is_a_400_not_a_500(service, body) -> N
         session.post(service.base_url + "/models/stub_v1/reload", data=body) as response,
     ):
         assert response.status == 400, await response.text()
-        assert "body must be" in (await response.json())["error"] or "sha256" in (
-            await response.json()
-        )["error"]
+        assert (
+            "body must be" in (await response.json())["error"]
+            or "sha256" in (await response.json())["error"]
+        )
