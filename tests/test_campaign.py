@@ -97,9 +97,10 @@ def live(redis_server) -> Iterator[Live]:
     prefix = f"camp{uuid.uuid4().hex[:8]}"
     process, port = start_service(redis_server.url, prefix)
     client = redis.Redis.from_url(redis_server.url)
-    yield Live(process, port, KeySpace(prefix), client)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
+    running = Live(process, port, KeySpace(prefix), client)
+    yield running
+    running.process.send_signal(signal.SIGTERM)  # the restart test replaces the process
+    assert running.process.wait(timeout=60) == 0
     client.close()
 
 
