@@ -9,8 +9,9 @@
      +-- ModelLoadError     a model file could not be loaded; the old model keeps serving
                             (.http_status says how the sidecar answers a reload)
 
-Server-side failures while computing a batch are not exceptions of this module: they are
-answered with the ``internal`` code (see ``worker``).
+Server-side failures are not exceptions of this module: a batch that fails outside the
+model is left pending and retried (see ``worker``); an unexpected failure on one entry while
+it is admitted is answered with the ``internal`` code (see ``admission``).
 """
 
 from __future__ import annotations
