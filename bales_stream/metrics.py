@@ -24,6 +24,8 @@ LATENCY_BUCKETS_S = (
     5.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+TASK_KINDS = ("read", "batch", "lease", "reclaim", "trim", "control", "clock")
+"""The kinds of supervised task (``bales_task_restarts_total{task}``; see ``supervisor``)."""
 
 
 class Metrics:
@@ -149,6 +151,10 @@ class Metrics:
             "Unexpected exceptions on one entry, answered internal or dead-lettered.",
             registry=self.registry,
         )
+        for kind in TASK_KINDS:  # present at 0 from the start, so increase() sees the first
+            self.task_restarts.labels(kind)
+        for key in ("reply", "inbox"):
+            self.undeliverable.labels(key)
         self._per_priority: dict[int, tuple[Histogram, Histogram, Histogram]] = {}
         self.redis_errors = Counter(
             "bales_redis_errors",

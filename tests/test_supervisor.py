@@ -83,3 +83,12 @@ async def test_stop_cancels_a_task_waiting_to_restart() -> None:
     await wait_for(lambda: supervisor.problems())  # down, waiting BACKOFF_START_S
     await asyncio.wait_for(supervisor.stop(), timeout=5)  # cancels the backoff sleep
     assert not supervisor.failed.is_set()
+
+
+def test_restart_and_undeliverable_counters_exist_at_zero_before_any_event() -> None:
+    """So that increase() in an alert sees the first event (a series born at 1 reads 0)."""
+    text = Metrics().exposition().decode()
+    for kind in ("read", "batch", "lease", "reclaim", "trim", "control", "clock"):
+        assert f'bales_task_restarts_total{{task="{kind}"}} 0.0' in text
+    for key in ("reply", "inbox"):
+        assert f'bales_undeliverable_replies_total{{key="{key}"}} 0.0' in text
