@@ -44,6 +44,7 @@ try:  # orjson parses replies ~6x faster than json; optional for the producer li
 except ImportError:  # pragma: no cover - exercised where orjson is not installed
     from json import loads as _loads  # type: ignore[assignment]
 
+
 def new_request_id() -> str:
     """A fresh request id: 128 random bits as 32 hex chars. Unguessable on purpose: the
     first reply written to a reply key wins, so an id another client could predict would
