@@ -1,8 +1,8 @@
 """The bridge from the event loop to PyTorch: one thread pool, owned by the worker.
 
 Torch never runs on the event-loop thread. Each pool thread runs torch single-threaded:
-at these batch sizes more intra-op threads only fight the event loop (measured: see
-shared PERF-NOTES), and ``THREAD_POOL_SIZE`` batches can run side by side.
+at these batch sizes more intra-op threads only fight the event loop (measured on the
+project machines), and ``THREAD_POOL_SIZE`` batches can run side by side.
 """
 
 from __future__ import annotations

@@ -122,9 +122,9 @@ async def bounded(seconds: float) -> AsyncIterator[None]:
     """Fail Redis work that takes longer than ``seconds`` with a redis ``TimeoutError``.
 
     The client runs without a socket timeout (redis-py's costs a third of the throughput of
-    this loop, per PERF-NOTES); this bounds each step instead, so a stalled Redis or a
-    silently dropped connection surfaces as an error the caller retries (the cancelled
-    command's connection is discarded)."""
+    this loop, as measured on the project machines); this bounds each step instead, so a
+    stalled Redis or a silently dropped connection surfaces as an error the caller retries
+    (the cancelled command's connection is discarded)."""
     try:
         async with asyncio.timeout(seconds):
             yield
