@@ -1,14 +1,13 @@
 """The HTTP sidecar (aiohttp, in the service's own event loop): health, readiness, model
-reload and Prometheus metrics. There is deliberately no inference endpoint.
+reload and Prometheus metrics. There is deliberately no inference endpoint. It uses the
+worker's narrow interface only (``health``, ``status``, ``reload``, ``exposition``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -16,12 +15,10 @@ from redis.exceptions import RedisError
 
 from .errors import ModelLoadError
 from .model_config import check_sha256
-from .shards import UNSHARDED
 from .worker import Worker
 
 log = logging.getLogger(__name__)
 
-REDIS_PROBE_TIMEOUT_S = 1.0
 WORKER_KEY: web.AppKey[Worker] = web.AppKey("worker", Worker)
 
 
@@ -36,76 +33,17 @@ def create_app(worker: Worker) -> web.Application:
     return app
 
 
-async def _queue_stats(worker: Worker) -> list[dict[str, Any]] | None:
-    try:
-        async with asyncio.timeout(REDIS_PROBE_TIMEOUT_S):
-            stats = await worker.streams.queue_stats()
-    except (RedisError, TimeoutError) as exc:
-        worker.status.last_error = f"{type(exc).__name__}: {exc}"
-        return None
-    worker.metrics.observe_queues(stats)
-    return [
-        {
-            "shard": None if s.shard == UNSHARDED else s.shard,
-            "priority": s.priority,
-            "stream": worker.streams.stream(s.shard, s.priority),
-            "length": s.length,
-            "lag": s.lag,
-            "pending": s.pending,
-            "oldest_age_s": None if s.oldest_age_s is None else round(s.oldest_age_s, 3),
-            "consumers": s.consumers,
-        }
-        for s in stats
-    ]
-
-
 async def health(request: web.Request) -> web.Response:
-    """Models with versions, queue depths, consumer identity and Redis reachability."""
-    worker = request.app[WORKER_KEY]
-    queues = await _queue_stats(worker)
-    settings = worker.settings
-    body = {
-        "status": "ok" if worker.status.ready and queues is not None else "degraded",
-        "ready": worker.status.ready,
-        "consumer": settings.consumer_name,
-        "group": settings.consumer_group,
-        "redis": {
-            "url": settings.redis_url_masked,
-            "reachable": queues is not None,
-            "last_error": worker.status.last_error,
-        },
-        "models": {
-            model_id: {
-                "version": model.version,
-                "model_type": model.spec.model_type,
-                "input_shape": list(model.spec.input_shape),
-            }
-            for model_id, model in worker.registry.models().items()
-        },
-        "queues": queues,
-        "batcher": {"waiting": len(worker.batcher)},
-        "tasks": worker.supervisor.report(),
-        "problems": worker.status.problems,
-    }
-    return web.json_response(body)
+    """Models with versions, queue depths, tasks, consumer identity and Redis reachability."""
+    return web.json_response(await request.app[WORKER_KEY].health())
 
 
 async def ready(request: web.Request) -> web.Response:
-    """200 once models are loaded and the group is joined; 503 (with why) otherwise."""
+    """200 when ready to take traffic; 503 with the reasons otherwise."""
     status = request.app[WORKER_KEY].status
     if status.ready:
         return web.json_response({"ready": True})
-    reasons = [
-        reason
-        for reason, failing in (
-            ("models not loaded", not status.models_loaded),
-            ("consumer group not joined", not status.group_joined),
-            (f"Redis unreachable: {status.last_error}", not status.redis_ok),
-            ("shutting down", status.stopping),
-        )
-        if failing
-    ] + status.problems
-    return web.json_response({"ready": False, "reasons": reasons}, status=503)
+    return web.json_response({"ready": False, "reasons": status.reasons()}, status=503)
 
 
 def _authorized(request: web.Request, worker: Worker) -> bool:
@@ -135,7 +73,7 @@ async def reload_model(request: web.Request) -> web.Response:
         return _problem(400, str(exc))
     model_id = request.match_info["model_id"]
     try:
-        outcome = await worker.control.reload(model_id, weights_path, sha256)
+        outcome = await worker.reload(model_id, weights_path, sha256)
     except ModelLoadError as exc:
         log.warning("reload of %s refused: %s", model_id, exc.message)
         return _problem(exc.http_status, exc.message)
@@ -164,12 +102,8 @@ async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER_KEY]
     if not worker.settings.enable_prometheus:
         return _problem(404, "metrics are disabled (ENABLE_PROMETHEUS=false)")
-    await _queue_stats(worker)
-    served = worker.registry.models()
-    worker.metrics.observe_models({model_id: m.version for model_id, m in served.items()})
-    return web.Response(
-        body=worker.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    body = await worker.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _reload_refused_message(host: str) -> str:

@@ -52,6 +52,19 @@ class WorkerStatus:
         tasks = self.supervisor.problems() if self.supervisor is not None else []
         return [*tasks, *self.standing.values()]
 
+    def reasons(self) -> list[str]:
+        """Why this consumer is not ready (empty when it is)."""
+        return [
+            reason
+            for reason, failing in (
+                ("models not loaded", not self.models_loaded),
+                ("consumer group not joined", not self.group_joined),
+                (f"Redis unreachable: {self.last_error}", not self.redis_ok),
+                ("shutting down", self.stopping),
+            )
+            if failing
+        ] + self.problems
+
     @property
     def ready(self) -> bool:
         """Ready to take traffic: models loaded, group joined, Redis reachable, every

@@ -41,7 +41,7 @@ from .protocol import Request
 from .recovery import Recovery
 from .registry import ModelRegistry
 from .settings import Settings
-from .shards import Held, ShardedStreams, shard_label
+from .shards import UNSHARDED, Held, ShardedStreams, shard_label
 from .status import BACKOFF_START_S, RedisTrouble, WorkerStatus, next_backoff_s
 from .streams import StreamStore, bounded
 from .supervisor import Supervisor
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 LOWER_PRIORITY_SHARE_DIVISOR = 8
 """Each read reserves 1/8 of its entries for every lower priority level (see streams)."""
+QUEUE_PROBE_TIMEOUT_S = 1.0
+"""How long /health and /metrics wait for the queue statistics."""
 MIN_READ_COUNT = 32
 """Even with tiny batches, read at least this many per round trip: under overload the
 expired ones among them are shed at the cost of the read (they never wait for a slot)."""
@@ -190,6 +192,74 @@ class Worker:
             self._dispatch(batch)
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    # ---- what the sidecar and the CLI may ask ---------------------------------------------
+
+    async def queue_report(self) -> list[dict[str, Any]] | None:
+        """Per served shard and priority: length, lag, pending, oldest age, consumers (None
+        when Redis does not answer within ``QUEUE_PROBE_TIMEOUT_S``; the error is kept in the
+        status). Also updates the queue gauges."""
+        try:
+            async with asyncio.timeout(QUEUE_PROBE_TIMEOUT_S):
+                stats = await self.streams.queue_stats()
+        except (RedisError, TimeoutError) as exc:
+            self.status.last_error = f"{type(exc).__name__}: {exc}"
+            return None
+        self.metrics.observe_queues(stats)
+        return [
+            {
+                "shard": None if s.shard == UNSHARDED else s.shard,
+                "priority": s.priority,
+                "stream": self.streams.stream(s.shard, s.priority),
+                "length": s.length,
+                "lag": s.lag,
+                "pending": s.pending,
+                "oldest_age_s": None if s.oldest_age_s is None else round(s.oldest_age_s, 3),
+                "consumers": s.consumers,
+            }
+            for s in stats
+        ]
+
+    async def health(self) -> dict[str, Any]:
+        """The /health document: readiness, identity, Redis, models, queues, tasks."""
+        queues = await self.queue_report()
+        settings = self.settings
+        return {
+            "status": "ok" if self.status.ready and queues is not None else "degraded",
+            "ready": self.status.ready,
+            "consumer": settings.consumer_name,
+            "group": settings.consumer_group,
+            "redis": {
+                "url": settings.redis_url_masked,
+                "reachable": queues is not None,
+                "last_error": self.status.last_error,
+            },
+            "models": {
+                model_id: {
+                    "version": model.version,
+                    "model_type": model.spec.model_type,
+                    "input_shape": list(model.spec.input_shape),
+                }
+                for model_id, model in self.registry.models().items()
+            },
+            "queues": queues,
+            "batcher": {"waiting": len(self.batcher)},
+            "tasks": self.supervisor.report(),
+            "problems": self.status.problems,
+        }
+
+    async def reload(
+        self, model_id: str, weights_path: str, sha256: str | None = None
+    ) -> dict[str, object]:
+        """Reload a model here and on every consumer (see ``control``)."""
+        return await self.control.reload(model_id, weights_path, sha256)
+
+    async def exposition(self) -> bytes:
+        """The Prometheus text of this consumer's metrics, queue gauges refreshed."""
+        await self.queue_report()
+        served = self.registry.models()
+        self.metrics.observe_models({model_id: m.version for model_id, m in served.items()})
+        return self.metrics.exposition()
 
     def held(self) -> list[Held]:
         """(shard, priority, entry id) of every entry read and not yet answered."""
