@@ -12,14 +12,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --create-home --uid 10001 bales
 WORKDIR /app
 
+# torch first, in a layer of its own: editing the code or the README does not fetch it again
+RUN pip install torch==2.13.0 && rm -rf /root/.cache
 COPY pyproject.toml README.md ./
 COPY producers/ producers/
 COPY bales_stream/ bales_stream/
 COPY consumer.py ./
 COPY weights/ weights/
-RUN pip install torch==2.13.0 && pip install . && rm -rf /root/.cache
+RUN pip install . && rm -rf /root/.cache
 
-USER bales
+# numeric, so that runAsNonRoot can verify it (the user "bales" has this uid)
+USER 10001
 # In the container the sidecar must be reachable by the orchestrator's probes and
 # Prometheus: bind all interfaces. SIDECAR_TOKEN comes from the runtime environment
 # (docker run -e SIDECAR_TOKEN, compose, a Kubernetes Secret), never from the image: without

@@ -15,6 +15,7 @@ from prometheus_client.metrics_core import Metric
 
 from bales_stream.metrics import Metrics
 from bales_stream.settings import Settings
+from bales_stream.worker import QUEUE_PROBE_TIMEOUT_S
 
 from .conftest import ROOT
 
@@ -52,7 +53,10 @@ def queried_metrics(expression: str) -> set[str]:
 
 
 def test_the_image_runs_as_a_non_root_user_with_a_curl_free_health_check() -> None:
-    assert re.search(r"^USER bales$", DOCKERFILE, re.M)
+    assert re.search(r"^USER 10001$", DOCKERFILE, re.M)  # numeric: runAsNonRoot can check it
+    assert "--uid 10001" in DOCKERFILE
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".env", ".git"} <= set(ignored)  # never in the build context
     assert "HEALTHCHECK" in DOCKERFILE and 'CMD ["bales-stream", "check"]' in DOCKERFILE
     assert 'CMD ["bales-stream", "serve"]' in DOCKERFILE
     assert "bales-stream" in console_scripts()
@@ -64,6 +68,10 @@ def test_compose_redis_never_evicts_and_keeps_an_append_only_file() -> None:
     command = COMPOSE["services"]["redis"]["command"]
     assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
     assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory") + 1] == "1gb"  # noeviction needs a limit
+    # what one client may send is bounded as docs/security.md recommends (and tests)
+    assert command[command.index("--proto-max-bulk-len") + 1] == "1mb"
+    assert command[command.index("--client-query-buffer-limit") + 1] == "4mb"
 
 
 def test_compose_consumer_settings_and_limits() -> None:
@@ -101,6 +109,9 @@ def test_k8s_deployment_probes_grace_and_env() -> None:
     assert pod["terminationGracePeriodSeconds"] > int(env["SHUTDOWN_GRACE_S"])
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    # /health waits up to QUEUE_PROBE_TIMEOUT_S for Redis: the probe must wait longer
+    assert container["livenessProbe"]["timeoutSeconds"] > QUEUE_PROBE_TIMEOUT_S
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     port = container["ports"][0]
     assert int(env["PORT"]) == port["containerPort"]
     assert pod["securityContext"]["runAsNonRoot"] is True
