@@ -193,6 +193,12 @@ class Harness:
                 pending += group["pending"]
         return lag, pending
 
+    async def __aenter__(self) -> Harness:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         for consumer in self.consumers:
             await consumer.stop()

@@ -74,8 +74,7 @@ async def truthful(harness: Harness, consumer: Consumer, row: Row) -> None:
 async def odd_timeouts() -> Row:
     """10. 1,000 valid requests and 100 with a timeout_ms of non-ASCII digits."""
     row = Row("10 timeout_ms '²'/'٣' x100")
-    harness = Harness()
-    try:
+    async with Harness() as harness:
         consumer = await harness.add_consumer()
         entries = [valid(f"v-{i}") for i in range(1000)]
         odd = [valid(f"o-{i}", timeout_ms="²" if i % 2 else "٣٠٠٠") for i in range(100)]
@@ -87,16 +86,13 @@ async def odd_timeouts() -> Row:
         row.figures["odd_replies"] = outcome
         row.ok = row.ok and outcome == {"invalid_request": 100}
         await truthful(harness, consumer, row)
-    finally:
-        await harness.close()
     return row
 
 
 async def squatted_keys() -> Row:
     """11. reply_to inboxes and reply keys that clients made into other types."""
     row = Row("11 squatted reply/inbox keys x100")
-    harness = Harness()
-    try:
+    async with Harness() as harness:
         consumer = await harness.add_consumer()
         kinds = ("set", "hset", "sadd", "zadd")
         for i in range(50):
@@ -112,8 +108,6 @@ async def squatted_keys() -> Row:
         row.figures["squatted_left_intact"] = await _intact(harness)
         row.ok = row.ok and pending == 0 and row.figures["squatted_left_intact"] == 100
         await truthful(harness, consumer, row)
-    finally:
-        await harness.close()
     return row
 
 
@@ -142,8 +136,7 @@ async def restart_with_poison() -> Row:
     """12. Junk fleet records and poison in a consumer's own pending list; it restarts under
     the same name (as Kubernetes restarts a pod)."""
     row = Row("12 junk fleet records + restart w/ poison")
-    harness = Harness()
-    try:
+    async with Harness() as harness:
         await harness.redis.hset(
             harness.keys.desired_models, mapping={"stub_v1": "junk", "x y": "{}"}
         )
@@ -158,8 +151,6 @@ async def restart_with_poison() -> Row:
         row.figures["poison_replies"] = await codes(harness, [e["request_id"] for e in poison])
         row.ok = row.ok and row.figures["poison_replies"] == {"invalid_request": 25}
         await truthful(harness, consumer, row)
-    finally:
-        await harness.close()
     return row
 
 
@@ -174,8 +165,7 @@ async def oversized() -> Row:
     """13. 8 MiB inputs (MAX_INPUT_BYTES 1 MiB): 20 sent at once, then 20 one at a time
     (each wakes the blocking read); the consumer's peak memory must not grow with them."""
     row = Row("13 oversized 2x20 x 8 MiB")
-    harness = Harness()
-    try:
+    async with Harness() as harness:
         consumer = await harness.add_consumer()
         assert consumer.process is not None
         await xadd_all(harness, [valid("warm-up")])
@@ -193,8 +183,6 @@ async def oversized() -> Row:
         row.figures.update({"replies": outcome, "peak_rss_growth_mb": f"{growth_mb:.1f}"})
         row.ok = row.ok and outcome == {"invalid_request": 2 * BIG_ENTRIES} and growth_mb < 64
         await truthful(harness, consumer, row)
-    finally:
-        await harness.close()
     return row
 
 
@@ -202,8 +190,7 @@ async def future_ids() -> Row:
     """14. Entries with IDs an hour ahead of Redis's clock, then '*' entries with a 1 ms
     timeout on the same stream: durations never negative, deadlines still shed."""
     row = Row("14 entry IDs 1 h ahead of the clock")
-    harness = Harness()
-    try:
+    async with Harness() as harness:
         consumer = await harness.add_consumer()
         ahead_ms = int(time.time() * 1000) + 3_600_000
         async with harness.redis.pipeline(transaction=False) as pipe:
@@ -220,16 +207,13 @@ async def future_ids() -> Row:
         row.figures["short_replies"] = await codes(harness, ids[100:])
         row.ok = row.ok and negative == 0 and late_ok == 0
         await truthful(harness, consumer, row)
-    finally:
-        await harness.close()
     return row
 
 
 async def non_finite() -> Row:
     """15. Valid float32 inputs that overflow the model (3e38): an error, never ok/null."""
     row = Row("15 overflowing inputs x100")
-    harness = Harness()
-    try:
+    async with Harness() as harness:
         consumer = await harness.add_consumer()
         overflow = json.dumps([3e38] * 128)
         entries = [
@@ -256,8 +240,6 @@ async def non_finite() -> Row:
             and row.figures["other_replies"] == {"ok": 900}
         )
         await truthful(harness, consumer, row)
-    finally:
-        await harness.close()
     return row
 
 

@@ -12,7 +12,6 @@ restarted under the same consumer name must answer all of it.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from hypothesis import strategies as st
 from bales_stream.embedded_redis import free_port
 
 from .conftest import ROOT
+from .test_service import service_env
 
 CONSUMER = "campaign-consumer"
 CANARY_BOUND_S = 10.0
@@ -53,15 +53,12 @@ class Live:
 
 def start_service(redis_url: str, prefix: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "KEY_"))}
-    env.update(
-        REDIS_URL=redis_url,
-        KEY_PREFIX=prefix,
+    env = service_env(
+        redis_url,
+        prefix,
         PORT=str(port),
         CONSUMER_NAME=CONSUMER,
-        WEIGHTS_DIR=str(ROOT / "weights"),
         MAX_INPUT_BYTES=str(MAX_INPUT_BYTES),
-        READ_BLOCK_MS="200",
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "bales_stream", "serve"],

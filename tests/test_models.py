@@ -25,6 +25,7 @@ from bales_stream.models import (
 from bales_stream.registry import confine
 
 from .conftest import ROOT
+from .test_service import service_env
 
 
 @pytest.mark.parametrize("name", sorted(STUB_SEEDS))
@@ -147,10 +148,9 @@ def test_a_consumer_whose_pinned_file_changed_does_not_start(tmp_path: Path, red
         '[[models]]\nmodel_id = "stub_v1"\nformat = "state_dict"\narchitecture = "stub"\n'
         f'file = "stub_v1.pt"\ninput_shape = [128]\nsha256 = "{pin}"\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "KEY_"))}
-    env.update(
-        REDIS_URL=redis_url,
-        KEY_PREFIX=f"pin{os.getpid()}",
+    env = service_env(
+        redis_url,
+        f"pin{os.getpid()}",
         WEIGHTS_DIR=str(weights),
         MODELS_CONFIG=str(models),
         PORT="0",
