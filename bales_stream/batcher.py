@@ -2,6 +2,8 @@
 
 ``put()`` adds a request; ``next_batch()`` returns a batch of one model as soon as that model
 has ``max_batch_size`` requests waiting, or ``window_ms`` after the oldest of them arrived.
+Requests share a batch only when they share a ``batch_key``: the model, and for a model with
+variable-length inputs the request's length bucket, so a batch pads little.
 
 The window is adaptive: it is only waited for when waiting can pay. When the model has no
 batch in flight, its requests go at once: waiting would only add latency, and under load
@@ -32,14 +34,20 @@ class Batchable(Protocol):
     @property
     def priority(self) -> int: ...
 
+    @property
+    def batch_key(self) -> str:
+        """Items with equal keys may share a batch (all of one model)."""
+        ...
+
 
 T = TypeVar("T", bound=Batchable)
 
 
 class _ModelQueue(Generic[T]):
-    """Waiting items of one model: one FIFO per priority level, with arrival times."""
+    """Waiting items of one batch key: one FIFO per priority level, with arrival times."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
         self.levels: list[deque[tuple[float, T]]] = []
         self.count = 0
 
@@ -101,9 +109,9 @@ class Batcher(Generic[T]):
 
     def put(self, item: T) -> None:
         """Add one item; wakes ``next_batch`` if this completes a batch."""
-        queue = self._queues.get(item.model_id)
+        queue = self._queues.get(item.batch_key)
         if queue is None:
-            queue = self._queues[item.model_id] = _ModelQueue()
+            queue = self._queues[item.batch_key] = _ModelQueue(item.model_id)
         queue.push(self._clock(), item)
         self._size += 1
         self._changed.set()
@@ -119,11 +127,11 @@ class Batcher(Generic[T]):
         """
         while True:
             now_s = self._clock()
-            model_id, ready_at_s = self._most_urgent(now_s, in_flight, max_in_flight)
-            if model_id is not None and ready_at_s <= now_s:
-                return self._take(model_id, now_s)
+            key, ready_at_s = self._most_urgent(now_s, in_flight, max_in_flight)
+            if key is not None and ready_at_s <= now_s:
+                return self._take(key, now_s)
             self._changed.clear()
-            wait_s = None if model_id is None else ready_at_s - now_s
+            wait_s = None if key is None else ready_at_s - now_s
             try:
                 async with asyncio.timeout(wait_s):
                     await self._changed.wait()
@@ -140,8 +148,8 @@ class Batcher(Generic[T]):
         """Remove and return everything waiting, as batches (for a graceful stop)."""
         batches = []
         while self._queues:
-            model_id = next(iter(self._queues))
-            batches.append(self._take(model_id, self._clock()))
+            key = next(iter(self._queues))
+            batches.append(self._take(key, self._clock()))
         return batches
 
     def wake(self) -> None:
@@ -152,26 +160,26 @@ class Batcher(Generic[T]):
         self, now_s: float, in_flight: Callable[[str], int] | None, max_in_flight: int
     ) -> tuple[str | None, float]:
         best: tuple[str | None, float] = (None, float("inf"))
-        for model_id, queue in self._queues.items():
-            running = in_flight(model_id) if in_flight is not None else None
+        for key, queue in self._queues.items():
+            running = in_flight(queue.model_id) if in_flight is not None else None
             if max_in_flight and running is not None and running >= max_in_flight:
                 continue
-            max_batch_size, window_s = self._limits_of(model_id)
+            max_batch_size, window_s = self._limits_of(queue.model_id)
             if queue.count >= max_batch_size or (self.adaptive and running == 0):
                 ready_at_s = now_s
             else:
                 ready_at_s = queue.oldest_arrival_s() + window_s
             if ready_at_s < best[1]:
-                best = (model_id, ready_at_s)
+                best = (key, ready_at_s)
         return best
 
-    def _take(self, model_id: str, now_s: float) -> list[T]:
-        queue = self._queues[model_id]
+    def _take(self, key: str, now_s: float) -> list[T]:
+        queue = self._queues[key]
         aged_before_s = now_s - self.aging_s
-        size = min(queue.count, self._limits_of(model_id)[0])
+        size = min(queue.count, self._limits_of(queue.model_id)[0])
         batch = [queue.pop_next(aged_before_s) for _ in range(size)]
         if queue.count == 0:
-            del self._queues[model_id]
+            del self._queues[key]
         self._size -= len(batch)
         self._room.set()
         return batch

@@ -1,30 +1,43 @@
 """The bridge from the event loop to PyTorch: one thread pool, owned by the worker.
 
-Torch never runs on the event-loop thread. Each pool thread runs torch single-threaded:
-at these batch sizes more intra-op threads only fight the event loop (measured on the
-project machines), and ``THREAD_POOL_SIZE`` batches can run side by side.
+Torch never runs on the event-loop thread. Each pool thread runs torch with
+``INTRA_OP_THREADS`` threads (default 1: at small batch sizes more only fight the event
+loop, measured on the project machines), or the model's own ``intra_op_threads``, and
+``THREAD_POOL_SIZE`` batches can run side by side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
 from .models import LoadedModel
 from .protocol import Request
 
 R = TypeVar("R")
+_thread = threading.local()
 
 
-def _init_thread() -> None:
-    torch.set_num_threads(1)
+def _init_thread(threads: int) -> None:
+    torch.set_num_threads(threads)
+    _thread.default = _thread.current = threads
+
+
+def use_threads(threads: int | None) -> None:
+    """Give torch ``threads`` intra-op threads in this pool thread (None: the default).
+    Torch's intra-op setting holds per calling thread (OpenMP); set only when it changes."""
+    default: int = getattr(_thread, "default", 1)
+    wanted = threads or default
+    if getattr(_thread, "current", None) != wanted:
+        torch.set_num_threads(wanted)
+        _thread.current = wanted
 
 
 @dataclass
@@ -38,6 +51,9 @@ class BatchRun:
     """None for a request whose output was not finite."""
     failed: list[tuple[Request, Exception]] = field(default_factory=list)
     model_failures: int = 0
+    real_elements: int = 0
+    padded_elements: int = 0
+    """Input values of the answered calls, and those added by padding."""
 
 
 def predict_requests(model: LoadedModel, requests: Sequence[Request]) -> BatchRun:
@@ -50,23 +66,22 @@ def predict_requests(model: LoadedModel, requests: Sequence[Request]) -> BatchRu
     hand-off from the event loop per batch, not one per split (measured: the poison
     scenario of ``benchmarks.faults``)."""
     run = BatchRun()
-    _predict_or_split(model, requests, None, run, known_to_fail=False)
+    use_threads(model.threads)
+    _predict_or_split(model, requests, run, known_to_fail=False)
     return run
 
 
 def _predict_or_split(
     model: LoadedModel,
     requests: Sequence[Request],
-    batch: np.ndarray | None,
     run: BatchRun,
     known_to_fail: bool,
 ) -> bool:
     """Answer ``requests`` or isolate the ones the model raises on; True if one call did."""
     if not known_to_fail or len(requests) == 1:
         try:
-            if batch is None:  # stacked once; the halves are views of it
-                batch = np.stack([request.inputs for request in requests])
-            results = model.predict(batch)
+            prediction = model.predict(requests)
+            results = prediction.results
             if len(results) != len(requests):
                 raise RuntimeError(
                     f"model {model.model_id} returned {len(results)} results for "
@@ -79,25 +94,30 @@ def _predict_or_split(
                 return False
         else:
             run.answered.append((requests, results))
+            run.real_elements += prediction.real_elements
+            run.padded_elements += prediction.padded_elements
             return True
     half = len(requests) // 2
-    first, second = (None, None) if batch is None else (batch[:half], batch[half:])
-    first_ok = _predict_or_split(model, requests[:half], first, run, known_to_fail=False)
-    _predict_or_split(model, requests[half:], second, run, known_to_fail=first_ok)
+    first_ok = _predict_or_split(model, requests[:half], run, known_to_fail=False)
+    _predict_or_split(model, requests[half:], run, known_to_fail=first_ok)
     return False
 
 
 class InferenceExecutor:
     """Runs blocking (torch) calls in a dedicated thread pool."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, intra_op_threads: int = 1) -> None:
         self.threads = threads
+        self.intra_op_threads = intra_op_threads
         self._pool: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
         """Create the thread pool."""
         self._pool = ThreadPoolExecutor(
-            self.threads, thread_name_prefix="bales-infer", initializer=_init_thread
+            self.threads,
+            thread_name_prefix="bales-infer",
+            initializer=_init_thread,
+            initargs=(self.intra_op_threads,),
         )
 
     async def run(self, fn: Callable[..., R], *args: Any) -> R:

@@ -151,6 +151,13 @@ class Metrics:
             "Unexpected exceptions on one entry, answered internal or dead-lettered.",
             registry=self.registry,
         )
+        self.input_elements = Counter(
+            "bales_input_elements",
+            "Input values given to the model, by model and kind: real (the requests' own) or "
+            "padding (added to batch variable lengths); waste = padding / real.",
+            ["model_id", "kind"],
+            registry=self.registry,
+        )
         for kind in TASK_KINDS:  # present at 0 from the start, so increase() sees the first
             self.task_restarts.labels(kind)
         for key in ("reply", "inbox"):
@@ -205,6 +212,14 @@ class Metrics:
         self.model_info.clear()
         for model_id, version in versions.items():
             self.model_info.labels(model_id, version).set(1)
+            for kind in ("real", "padding"):  # at 0 from the start, for rate()
+                self.input_elements.labels(model_id, kind)
+
+    def count_elements(self, model_id: str, real: int, padding: int) -> None:
+        """Count a model call's input values: the requests' own, and the padding."""
+        self.input_elements.labels(model_id, "real").inc(real)
+        if padding:
+            self.input_elements.labels(model_id, "padding").inc(padding)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

@@ -86,6 +86,8 @@ class BatchProcessor:
             self._answer(model, group, results, (started_ms, done_ms, inference_s), outcome)
         if run.model_failures:
             self.metrics.model_failures.inc(run.model_failures)
+        if run.real_elements:
+            self.metrics.count_elements(model.model_id, run.real_elements, run.padded_elements)
         for request, exc in run.failed:
             log.warning(
                 "model %s raised on request %s (entry %s of p%d): %s: %s; left pending for retry",

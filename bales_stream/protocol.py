@@ -6,16 +6,16 @@ what was expected; see docs/wire-format.md for the fields.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import orjson
 from bales_producer import wire
 
 from .errors import RequestRejected, Unanswerable, invalid
+from .inputs import Inputs, decode_inputs, read_reply_encoding
+from .tensors import ModelSpec
 
 MAX_TIMEOUT_MS = 86_400_000
 MAX_FIELD_BYTES = 4096
@@ -35,26 +35,9 @@ KNOWN_FIELDS = frozenset(
         wire.FIELD_TIMEOUT_MS,
         wire.FIELD_REPLY_TO,
         wire.FIELD_TRACEPARENT,
+        wire.FIELD_REPLY_ENCODING,
     )
 )
-_F32 = np.dtype("<f4")
-_JSON_KINDS = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
-_JSON_KINDS[type(None)] = "null"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the decoder needs to know about a served model."""
-
-    model_id: str
-    model_type: str
-    input_shape: tuple[int, ...]
-
-    @property
-    def input_size(self) -> int:
-        """Number of float values in one input."""
-        return math.prod(self.input_shape)
-
 
 ModelLookup = Callable[[str], ModelSpec | None]
 
@@ -75,7 +58,8 @@ class Request:
     entry_id: str
     request_id: str
     model_id: str
-    inputs: np.ndarray
+    inputs: dict[str, np.ndarray]
+    """The model's named input arrays (empty for a text request until it is tokenised)."""
     enqueued_ms: int
     deadline_ms: int
     reply_to: str | None
@@ -83,6 +67,15 @@ class Request:
     """Delivered before (taken over after its consumer died or its model raised)."""
     traceparent: str | None = None
     shard: int = 0
+    text: str | None = None
+    """The text of an ``encoding=text`` request, tokenised with its batch."""
+    reply_encoding: str = wire.ENCODING_JSON
+    batch_key: str = ""
+    """Requests with the same key may share a batch: the model, and its length bucket."""
+
+    def __post_init__(self) -> None:
+        if not self.batch_key:
+            self.batch_key = self.model_id
 
 
 @dataclass(frozen=True)
@@ -166,18 +159,22 @@ def decode_request(
     spec = _model_spec(envelope.model_id, fields, lookup)
     enqueued_ms = min(entry_time_ms(envelope.entry_id), int(now_ms))
     deadline_ms = enqueued_ms + _timeout_ms(fields, limits)
+    reply_encoding = read_reply_encoding(_text(fields, wire.FIELD_REPLY_ENCODING))
     inputs = _inputs(fields, spec, limits)
     return Request(
         envelope.priority,
         envelope.entry_id,
         envelope.request_id,
         spec.model_id,
-        inputs,
+        inputs.tensors,
         enqueued_ms,
         deadline_ms,
         envelope.reply_to,
         traceparent=_traceparent(fields),
         shard=envelope.shard,
+        text=inputs.text,
+        reply_encoding=reply_encoding,
+        batch_key=f"{spec.model_id}#{inputs.bucket}" if inputs.bucket else spec.model_id,
     )
 
 
@@ -234,64 +231,12 @@ def _timeout_ms(fields: dict[bytes, bytes], limits: Limits) -> int:
     return int(text)
 
 
-def _inputs(fields: dict[bytes, bytes], spec: ModelSpec, limits: Limits) -> np.ndarray:
+def _inputs(fields: dict[bytes, bytes], spec: ModelSpec, limits: Limits) -> Inputs:
     raw = fields.get(wire.FIELD_INPUT.encode())
     if raw is None:
-        raise invalid(f"missing field input: expected {spec.input_size} numbers")
+        what = f"{spec.input_size} numbers" if not spec.named else "the model's input tensors"
+        raise invalid(f"missing field input: expected {what}")
     if len(raw) > limits.max_input_bytes:
         raise invalid(f"input has {len(raw)} bytes; the limit is {limits.max_input_bytes}")
     encoding = _text(fields, wire.FIELD_ENCODING) or wire.ENCODING_JSON
-    if encoding == wire.ENCODING_F32:
-        array = _f32_array(raw, spec)
-    elif encoding == wire.ENCODING_JSON:
-        array = _json_array(raw, spec)
-    else:
-        raise invalid(f"encoding {encoding[:40]!r} is not supported: expected json or f32")
-    if not np.isfinite(array).all():
-        raise invalid("input contains NaN or infinity (or a number beyond float32 range)")
-    return array
-
-
-def _f32_array(raw: bytes, spec: ModelSpec) -> np.ndarray:
-    if len(raw) % 4:
-        raise invalid(f"f32 input has {len(raw)} bytes: expected a multiple of 4")
-    count = len(raw) // 4
-    if count != spec.input_size:
-        raise invalid(f"input has {count} values; {spec.model_id} expects {spec.input_size}")
-    return np.frombuffer(raw, dtype=_F32).reshape(spec.input_shape)
-
-
-def _json_array(raw: bytes, spec: ModelSpec) -> np.ndarray:
-    # A rectangular array of n numbers has exactly n - 1 commas, whatever its nesting: more
-    # commas cannot fit the model, and are refused before decoding (the decode runs on the
-    # event loop, so its cost must not grow with MAX_INPUT_BYTES).
-    commas = raw.count(b",")
-    if commas >= spec.input_size:
-        raise invalid(
-            f"input has at least {commas + 1} values; {spec.model_id} expects {spec.input_size}"
-        )
-    try:
-        value = orjson.loads(raw)  # strict JSON: NaN, Infinity and 1e400 are refused
-    except orjson.JSONDecodeError as exc:
-        raise invalid(
-            f"input is not valid JSON ({exc}): expected a JSON array of numbers"
-        ) from None
-    if not isinstance(value, list):
-        kind = _JSON_KINDS.get(type(value), "value")
-        raise invalid(f"input is a JSON {kind}: expected an array of numbers")
-    try:
-        array = np.array(value)
-    except (ValueError, OverflowError):
-        raise invalid("input is a ragged array: expected a rectangular array of numbers") from None
-    if array.dtype.kind not in "iuf":
-        raise invalid("input holds non-numbers: expected an array of numbers only")
-    if array.shape != spec.input_shape:
-        raise invalid(_shape_message(array.shape, spec))
-    with np.errstate(over="ignore"):
-        return array.astype(_F32)
-
-
-def _shape_message(shape: tuple[int, ...], spec: ModelSpec) -> str:
-    if len(shape) == 1 and len(spec.input_shape) == 1:
-        return f"input has {shape[0]} values; {spec.model_id} expects {spec.input_size}"
-    return f"input has shape {list(shape)}; {spec.model_id} expects shape {list(spec.input_shape)}"
+    return decode_inputs(raw, encoding, spec)

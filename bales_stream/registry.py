@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ModelLoadError
 from .model_config import ModelConfig, stub_config
 from .models import LoadedModel, builtin_stub, load_model
-from .protocol import ModelSpec
+from .tensors import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,9 @@ class ModelRegistry:
         first that fails, so a consumer never starts half-configured."""
         for config in configs:
             path = confine(self.weights_dir, config.file)
-            self._models[config.model_id] = await self._run_blocking(load_model, config, path)
+            self._models[config.model_id] = await self._run_blocking(
+                load_model, config, path, None, self._tokenizer_path(config)
+            )
             self._configs[config.model_id] = config
             log.info(
                 "serving %s (%s) version %s",
@@ -100,6 +102,10 @@ class ModelRegistry:
                 config.model_type,
                 self._models[config.model_id].version,
             )
+
+    def _tokenizer_path(self, config: ModelConfig) -> Path | None:
+        """The model's tokenizer file, confined to WEIGHTS_DIR (None: it has none)."""
+        return confine(self.weights_dir, config.tokenizer.file) if config.tokenizer else None
 
     async def load_default(self, model_id: str) -> LoadedModel:
         """Serve the stub as ``model_id`` from ``<WEIGHTS_DIR>/<model_id>.pt``, or with its
@@ -128,7 +134,9 @@ class ModelRegistry:
         config = self._configs[model_id]
         lock = self._reload_locks.setdefault(model_id, asyncio.Lock())
         async with lock:
-            fresh: LoadedModel = await self._run_blocking(load_model, config, path, sha256)
+            fresh: LoadedModel = await self._run_blocking(
+                load_model, config, path, sha256, self._tokenizer_path(config)
+            )
             if fresh.spec != current.spec:
                 raise ModelLoadError(
                     f"new weights change the model's interface from {current.spec} to {fresh.spec}"

@@ -1,11 +1,20 @@
-"""Reply documents (wire format v1) and the completion records that carry them to Redis."""
+"""Reply documents (wire format v1) and the completion records that carry them to Redis.
+
+A reply is a JSON document; numpy arrays in a result become nested JSON arrays. A request
+with ``reply_encoding=safetensors`` that succeeded gets a safetensors document instead: its
+arrays as tensors, and the JSON document (without them) in ``__metadata__["reply"]``. The
+safetensors writer pads the header to a multiple of 8 bytes, so the first byte of such a
+reply is never ``{``: a reader tells the two apart by it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
+import safetensors.numpy
 from bales_producer import wire
 
 from .protocol import Envelope, Request
@@ -24,7 +33,18 @@ class Completion:
 
 
 def _dump(document: dict[str, Any]) -> bytes:
-    return orjson.dumps(document)
+    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _safetensors_document(document: dict[str, Any]) -> bytes:
+    """The reply as a safetensors document: the result's arrays as tensors (named by their
+    result keys), the rest of the reply as JSON in the metadata."""
+    result = document["result"]
+    tensors = {k: np.ascontiguousarray(v) for k, v in result.items() if isinstance(v, np.ndarray)}
+    document = {**document, "result": {k: v for k, v in result.items() if k not in tensors}}
+    document["tensors"] = sorted(tensors)
+    metadata = {wire.REPLY_METADATA_KEY: orjson.dumps(document).decode()}
+    return safetensors.numpy.save(tensors, metadata=metadata)
 
 
 def ok_completion(
@@ -48,11 +68,12 @@ def ok_completion(
         "latency_ms": round(latency_ms, 3),
         "priority": request.priority,
     }
+    binary = request.reply_encoding == wire.ENCODING_SAFETENSORS
     return Completion(
         request.priority,
         request.entry_id,
         request.request_id,
-        _dump(document),
+        _safetensors_document(document) if binary else _dump(document),
         request.reply_to,
         request.shard,
     )

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     batcher_timeout_s: float = Field(5.0, gt=0, le=86_400)
     default_model_id: str = Field("stub_v1", min_length=1)
     thread_pool_size: int = Field(4, ge=1, le=256)
+    intra_op_threads: int = Field(1, ge=1, le=256)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"

@@ -66,7 +66,7 @@ class Worker:
         self.supervisor = Supervisor(metrics)
         self.status = WorkerStatus(supervisor=self.supervisor)
         self.clock = RedisClock()
-        self.executor = InferenceExecutor(settings.thread_pool_size)
+        self.executor = InferenceExecutor(settings.thread_pool_size, settings.intra_op_threads)
         self.registry = ModelRegistry(settings.weights_dir, self.executor.run)
         self.streams = ShardedStreams(
             redis,
@@ -239,6 +239,12 @@ class Worker:
                     "version": model.version,
                     "model_type": model.spec.model_type,
                     "input_shape": list(model.spec.input_shape),
+                    "inputs": [
+                        {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
+                        for s in model.spec.inputs
+                    ],
+                    "max_dims": dict(model.spec.max_dims),
+                    "takes_text": model.spec.text,
                 }
                 for model_id, model in self.registry.models().items()
             },

@@ -39,4 +39,4 @@ def infer(values: list[float]) -> dict[str, Any]:
     if not _model:
         torch.set_num_threads(1)
         _model.append(builtin_stub("stub_v1"))
-    return _model[0].predict(np.asarray([values], dtype=np.float32))[0]
+    return _model[0].predict_array(np.asarray([values], dtype=np.float32))[0]

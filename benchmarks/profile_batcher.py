@@ -32,6 +32,11 @@ class Item:
     put_at_s: float
     done: asyncio.Future[None]
 
+    @property
+    def batch_key(self) -> str:
+        """One batch key per model (no length buckets here)."""
+        return self.model_id
+
 
 async def run_once(
     requests: int, max_batch: int, window_ms: float, threads: int, concurrency: int
@@ -49,7 +54,7 @@ async def run_once(
     async def run_batch(batch: list[Item]) -> None:
         try:
             stacked = np.stack([item.inputs for item in batch])
-            await executor.run(model.predict, stacked)
+            await executor.run(model.predict_array, stacked)
             finished_s = time.perf_counter()
             for item in batch:
                 latencies_ms.append((finished_s - item.put_at_s) * 1000)

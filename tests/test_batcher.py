@@ -16,6 +16,11 @@ class Item:
     name: str
     model_id: str = "m"
     priority: int = 1
+    bucket: int = 0
+
+    @property
+    def batch_key(self) -> str:
+        return f"{self.model_id}#{self.bucket}"
 
 
 class FakeClock:

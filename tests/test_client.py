@@ -129,7 +129,7 @@ async def test_ten_thousand_async_requests_all_get_correct_replies(
     rng = np.random.default_rng(0)
     inputs = rng.standard_normal((10_000, 128)).astype(np.float32)
     model = service.worker.registry.get("stub_v1")
-    expected = [r["label"] for r in model.predict(inputs)]
+    expected = [r["label"] for r in model.predict_array(inputs)]
     async with AsyncClient(redis_url, prefix=prefix) as client:
         replies = await asyncio.gather(
             *(

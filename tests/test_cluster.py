@@ -167,7 +167,7 @@ async def test_the_service_answers_through_a_cluster_and_reloads_fleet_wide(clus
             replies += await asyncio.gather(
                 *(client.infer("stub_v1", row, priority=i % 3) for i, row in enumerate(inputs[5:]))
             )
-        expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+        expected = [r["label"] for r in builtin_stub("stub_v1").predict_array(inputs)]
         assert [r["result"]["label"] for r in replies] == expected
         assert max(r["batch_size"] for r in replies) > 1
         outcome = await worker.control.reload("stub_v1", "stub_v2.pt")
@@ -238,7 +238,7 @@ async def test_a_dead_consumers_entries_are_reclaimed_and_answered_on_a_cluster(
             replies = [await client.result(f"d{i}", timeout_s=30) for i in range(20)]
     finally:
         await worker.stop()
-    expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+    expected = [r["label"] for r in builtin_stub("stub_v1").predict_array(inputs)]
     assert [r["result"]["label"] for r in replies] == expected
     assert worker.metrics.registry.get_sample_value("bales_reclaimed_total") == 20
 
@@ -283,7 +283,7 @@ async def test_a_primary_failover_under_traffic_loses_no_request(replicated_clus
                     await asyncio.sleep(0.05)  # the replica's role: no event to wait on
             after = [client.infer("stub_v1", row, timeout_s=60) for row in inputs[200:]]
             replies = await sent + await asyncio.gather(*after)
-        expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+        expected = [r["label"] for r in builtin_stub("stub_v1").predict_array(inputs)]
         assert [r["result"]["label"] for r in replies] == expected
         stats = await worker.streams.queue_stats()
         assert [(s.lag, s.pending) for s in stats] == [(0, 0)] * 3
@@ -313,7 +313,7 @@ async def test_shards_spread_over_the_primaries_and_every_shard_is_served(cluste
     finally:
         await worker.stop()
         await redis_client.aclose()
-    expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+    expected = [r["label"] for r in builtin_stub("stub_v1").predict_array(inputs)]
     assert [r["result"]["label"] for r in replies] == expected
     assert sum(lengths) == 300 and min(lengths) > 60
     assert len(stats) == 12  # 3 shards + the v1 streams, 3 priorities each
@@ -369,7 +369,7 @@ async def test_a_sigkilled_primary_fails_over_and_no_replicated_request_is_lost(
             after = [client.infer("stub_v1", row, timeout_s=90) for row in inputs[200:]]
             replies = await asyncio.gather(*first) + await asyncio.gather(*after)
         assert unanswered_at_kill > 0
-        expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+        expected = [r["label"] for r in builtin_stub("stub_v1").predict_array(inputs)]
         assert [r["result"]["label"] for r in replies] == expected
         await wait_for(lambda: settled(worker), timeout_s=30)  # lost acks are redone
         assert worker.metrics.redis_errors._value.get() > 0  # it did see the primary die

@@ -17,8 +17,8 @@ ENV_EXAMPLE = (ROOT / ".env.example").read_text()
 
 def test_every_wire_field_and_code_is_documented() -> None:
     fields = [v for k, v in vars(wire).items() if k.startswith("FIELD_")]
-    assert len(fields) == 8
-    for name in [*fields, *wire.ERROR_CODES, *wire.ENCODINGS]:
+    assert len(fields) == 9
+    for name in [*fields, *wire.ERROR_CODES, *wire.ENCODINGS, *wire.REPLY_ENCODINGS]:
         assert f"`{name}`" in WIRE_DOC, name
 
 

@@ -11,6 +11,7 @@ import torch
 from bales_stream.errors import ModelLoadError
 from bales_stream.model_config import load_models_file
 from bales_stream.model_types import Classification, Embedding, Regression, make_model_type
+from bales_stream.tensors import Batch, ModelOutputs
 
 
 class Doubler:
@@ -38,11 +39,15 @@ def test_regression_returns_the_raw_vector() -> None:
     assert Regression().postprocess(torch.tensor([[1.5, -2.0]])) == [{"values": [1.5, -2.0]}]
 
 
+def outputs_of(tensor: torch.Tensor) -> ModelOutputs:
+    return ModelOutputs({"output": tensor}, Batch({}))
+
+
 def test_embedding_is_l2_normalised_unless_told_otherwise() -> None:
-    [result] = Embedding().postprocess(torch.tensor([[3.0, 4.0]]))
-    assert result["embedding"] == pytest.approx([0.6, 0.8])
-    [raw] = Embedding(normalize=False).postprocess(torch.tensor([[3.0, 4.0]]))
-    assert raw["embedding"] == [3.0, 4.0]
+    [result] = Embedding().postprocess(outputs_of(torch.tensor([[3.0, 4.0]])))
+    assert result["embedding"].tolist() == pytest.approx([0.6, 0.8])
+    [raw] = Embedding(normalize=False).postprocess(outputs_of(torch.tensor([[3.0, 4.0]])))
+    assert raw["embedding"].tolist() == [3.0, 4.0]
 
 
 def test_a_user_type_is_plugged_in_by_import_path() -> None:
@@ -53,7 +58,7 @@ def test_a_user_type_is_plugged_in_by_import_path() -> None:
 @pytest.mark.parametrize(
     ("name", "options", "words"),
     [
-        ("ranking", {}, "unknown: expected one of classification, embedding, regression"),
+        ("ranking", {}, "unknown: expected one of classification, embedding, regression, tensor"),
         ("no.such.module:Type", {}, "cannot import"),
         ("classification", {"top_k": 0}, "top_k must be >= 1"),
         ("regression", {"bins": 3}, "does not take options"),

@@ -45,8 +45,8 @@ def test_file_and_builtin_weights_have_the_same_version() -> None:
 
 def test_the_two_versions_answer_differently() -> None:
     batch = np.random.default_rng(3).standard_normal((256, 128)).astype(np.float32)
-    v1 = [r["label"] for r in builtin_stub("stub_v1").predict(batch)]
-    v2 = [r["label"] for r in builtin_stub("stub_v2").predict(batch)]
+    v1 = [r["label"] for r in builtin_stub("stub_v1").predict_array(batch)]
+    v2 = [r["label"] for r in builtin_stub("stub_v2").predict_array(batch)]
     assert v1 != v2
 
 

@@ -63,8 +63,8 @@ def test_a_batch_span_links_to_every_request_trace() -> None:
     trace.set_tracer_provider(provider)
     rows = np.zeros(128, dtype=np.float32)
     requests = [
-        Request(0, "1-0", "a", "stub_v1", rows, 0, 1, None, traceparent=VALID),
-        Request(0, "1-1", "b", "stub_v1", rows, 0, 1, None),
+        Request(0, "1-0", "a", "stub_v1", {"input": rows}, 0, 1, None, traceparent=VALID),
+        Request(0, "1-1", "b", "stub_v1", {"input": rows}, 0, 1, None),
     ]
     with batch_span("stub_v1", requests):
         pass

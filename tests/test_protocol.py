@@ -50,7 +50,7 @@ def rejection(entry: dict[bytes, bytes]) -> RequestRejected:
 def test_a_json_request_decodes_with_defaults() -> None:
     request = decode(fields())
     assert request.request_id == "r1"
-    assert request.inputs.dtype == np.float32 and request.inputs.shape == (128,)
+    assert request.inputs["input"].dtype == np.float32 and request.inputs["input"].shape == (128,)
     assert request.enqueued_ms == 1700000000000
     assert request.deadline_ms == 1700000000000 + 5000
     assert request.priority == 1 and request.reply_to is None
@@ -59,12 +59,12 @@ def test_a_json_request_decodes_with_defaults() -> None:
 def test_an_f32_request_decodes_to_the_same_values() -> None:
     values = np.linspace(-1, 1, 128, dtype=np.float32)
     request = decode(fields(input=values.astype("<f4").tobytes(), encoding="f32"))
-    np.testing.assert_array_equal(request.inputs, values)
+    np.testing.assert_array_equal(request.inputs["input"], values)
 
 
 def test_nested_json_matches_a_multi_dimensional_model() -> None:
     request = decode(fields(model_id="grid", input="[[1,2,3],[4,5,6]]"))
-    assert request.inputs.shape == (2, 3)
+    assert request.inputs["input"].shape == (2, 3)
 
 
 def test_timeout_and_reply_to_are_honoured() -> None:
@@ -103,7 +103,11 @@ def test_the_wrong_shape_names_both_shapes() -> None:
         ({"input": "[1e39" + ",1" * 127 + "]"}, "invalid_request", "float32 range"),
         ({"input": b"\x00\x00\x80", "encoding": "f32"}, "invalid_request", "multiple of 4"),
         ({"input": b"\x00" * 16, "encoding": "f32"}, "invalid_request", "4 values"),
-        ({"encoding": "msgpack"}, "invalid_request", "expected json or f32"),
+        (
+            {"encoding": "msgpack"},
+            "invalid_request",
+            "expected one of json, f32, safetensors, text",
+        ),
         ({"timeout_ms": "-5"}, "invalid_request", "timeout_ms"),
         ({"timeout_ms": "soon"}, "invalid_request", "timeout_ms"),
         ({"timeout_ms": "²"}, "invalid_request", "timeout_ms"),
@@ -183,8 +187,8 @@ def test_any_entry_is_decoded_or_rejected_never_crashes(entry: dict[bytes, bytes
     except RequestRejected as exc:
         assert exc.code in wire.ERROR_CODES and exc.message
         return
-    assert request.inputs.shape == lookup(request.model_id).input_shape  # type: ignore[union-attr]
-    assert all(math.isfinite(v) for v in request.inputs.ravel().tolist())
+    assert request.inputs["input"].shape == lookup(request.model_id).input_shape  # type: ignore[union-attr]
+    assert all(math.isfinite(v) for v in request.inputs["input"].ravel().tolist())
 
 
 @settings(max_examples=200, deadline=None)
@@ -193,4 +197,4 @@ def test_any_entry_is_decoded_or_rejected_never_crashes(entry: dict[bytes, bytes
 )
 def test_any_finite_json_vector_round_trips(values: list[float]) -> None:
     request = decode(fields(input=json.dumps(values)))
-    np.testing.assert_array_equal(request.inputs, np.array(values, dtype=np.float32))
+    np.testing.assert_array_equal(request.inputs["input"], np.array(values, dtype=np.float32))

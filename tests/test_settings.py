@@ -22,6 +22,7 @@ SEED_DEFAULTS = {
     "batcher_timeout_s": 5.0,
     "default_model_id": "stub_v1",
     "thread_pool_size": 4,
+    "intra_op_threads": 1,
     "port": 8000,
     "log_level": "info",
     "enable_prometheus": True,

@@ -62,7 +62,7 @@ async def test_every_shard_is_served_and_the_producer_learns_the_shard_count(
         async with AsyncClient(redis_url, prefix=prefix) as client:  # shards: read from Redis
             replies = await asyncio.gather(*(client.infer("stub_v1", row) for row in inputs))
         stats = await svc.worker.streams.queue_stats()
-    expected = [r["label"] for r in builtin_stub("stub_v1").predict(inputs)]
+    expected = [r["label"] for r in builtin_stub("stub_v1").predict_array(inputs)]
     assert [r["result"]["label"] for r in replies] == expected
     lengths = [await aredis.xlen(keys.for_shard(k).stream(1)) for k in range(3)]
     assert sum(lengths) == 90 and all(n > 10 for n in lengths)  # crc32 spreads them

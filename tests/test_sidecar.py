@@ -307,7 +307,7 @@ async def reload_under_traffic(
     expected = {}
     for name in ("stub_v1", "stub_v2"):
         model = load_stub_file("stub_v1", weights_dir / f"{name}.pt")
-        expected[model.version] = [r["label"] for r in model.predict(inputs)]
+        expected[model.version] = [r["label"] for r in model.predict_array(inputs)]
     replies: list[dict] = []
 
     async def traffic() -> None:

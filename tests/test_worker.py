@@ -63,7 +63,7 @@ async def test_the_answer_matches_the_model(service, aredis, keys) -> None:
     await xadd(aredis, keys, request_id="f32-1", input=values.tobytes(), encoding="f32")
     reply = await reply_of(aredis, keys, "f32-1")
     model = service.worker.registry.get("stub_v1")
-    expected = model.predict(values[None, :])[0]
+    expected = model.predict_array(values[None, :])[0]
     assert reply["result"]["label"] == expected["label"]
     assert reply["result"]["confidence"] == pytest.approx(expected["confidence"], rel=1e-5)
 

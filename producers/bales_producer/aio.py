@@ -101,17 +101,14 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def submit(self, model_id: str, values: Any, **options: Any) -> str:
-        """Enqueue one request and return its request_id once Redis has accepted it.
-
-        Options: ``priority`` (0 is highest, default 1), ``timeout_s`` (default 5),
-        ``request_id``, ``model_type``, ``traceparent`` (W3C trace context).
-        """
+    async def submit(self, model_id: str, values: Any = None, **options: Any) -> str:
+        """Enqueue one request and return its request_id once Redis has accepted it
+        (``values`` and options as for ``Client.submit``)."""
         request = await self._build(model_id, values, options)
         await self._send(request)
         return request.request_id
 
-    async def infer(self, model_id: str, values: Any, **options: Any) -> dict[str, Any]:
+    async def infer(self, model_id: str, values: Any = None, **options: Any) -> dict[str, Any]:
         """Submit one request and wait for its reply (see ``submit`` for the options)."""
         request = await self._build(model_id, values, options)
         await self._send(request)

@@ -54,11 +54,15 @@ class Client:
         url = plain_url(redis_url)
         self.redis = redis_client or redis_class.from_url(url, socket_timeout=None)
 
-    def submit(self, model_id: str, values: Any, **options: Any) -> str:
+    def submit(self, model_id: str, values: Any = None, **options: Any) -> str:
         """Enqueue one request and return its request_id.
 
-        Options: ``priority`` (0 is highest, default 1), ``timeout_s`` (default 5),
-        ``request_id``, ``model_type``, ``traceparent`` (W3C trace context).
+        ``values``: a list, a numpy array, or a dict of named arrays (numpy arrays go as a
+        safetensors document, keeping their dtypes). Options: ``text`` (instead of values,
+        for a model with a tokenizer), ``reply_encoding`` (``"safetensors"``: arrays in the
+        reply come back as numpy arrays), ``priority`` (0 is highest, default 1),
+        ``timeout_s`` (default 5), ``request_id``, ``model_type``, ``traceparent`` (W3C
+        trace context).
         """
         return self._enqueue(model_id, values, options).request_id
 
@@ -82,7 +86,7 @@ class Client:
             return None
         return self.core.check(self.core.decode_reply(raw))  # type: ignore[arg-type]
 
-    def infer(self, model_id: str, values: Any, **options: Any) -> dict[str, Any]:
+    def infer(self, model_id: str, values: Any = None, **options: Any) -> dict[str, Any]:
         """Submit one request and wait for its reply (see ``submit`` for the options)."""
         request = self._enqueue(model_id, values, options)
         return self.result(request.request_id, request.wait_s)

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -63,16 +63,57 @@ def plain_url(url: str) -> str:
     return CLUSTER_SCHEMES.get(scheme.lower(), scheme) + sep + rest
 
 
+def _is_array(value: Any) -> bool:
+    """True for a numpy array (without importing numpy)."""
+    return hasattr(value, "dtype") and hasattr(value, "astype")
+
+
 def encode_input(values: Any) -> tuple[str, str | bytes]:
     """Encode an input as (encoding, payload).
 
-    numpy arrays go as raw little-endian float32 (``f32``); lists and tuples as JSON.
+    numpy arrays go as raw little-endian float32 (``f32``); lists and tuples as JSON. A dict
+    of named inputs goes as a safetensors document when every value is a numpy array (each
+    keeps its dtype; needs the ``safetensors`` package), else as a JSON object.
     """
-    if hasattr(values, "dtype") and hasattr(values, "astype"):  # numpy array, no import needed
+    if _is_array(values):
         return wire.ENCODING_F32, values.astype("<f4", copy=False).tobytes(order="C")
+    if isinstance(values, Mapping):
+        return _encode_named(values)
     if isinstance(values, Sequence) and not isinstance(values, str | bytes):
         return wire.ENCODING_JSON, json.dumps(values, separators=(",", ":"), allow_nan=False)
-    raise TypeError(f"input must be a list, tuple or numpy array, got {type(values).__name__}")
+    raise TypeError(
+        f"input must be a list, tuple, numpy array or dict of them, got {type(values).__name__}"
+    )
+
+
+def _encode_named(values: Mapping[str, Any]) -> tuple[str, str | bytes]:
+    if values and all(_is_array(v) for v in values.values()):
+        try:
+            from safetensors.numpy import save
+        except ImportError:
+            pass  # JSON below: same values, as text
+        else:
+            return wire.ENCODING_SAFETENSORS, save({k: _contiguous(v) for k, v in values.items()})
+    plain = {k: v.tolist() if _is_array(v) else v for k, v in values.items()}
+    return wire.ENCODING_JSON, json.dumps(plain, separators=(",", ":"), allow_nan=False)
+
+
+def _contiguous(array: Any) -> Any:
+    import numpy as np
+
+    return np.ascontiguousarray(array)
+
+
+def decode_binary_reply(raw: bytes) -> dict[str, Any]:
+    """A safetensors reply (``reply_encoding=safetensors``): the JSON document from its
+    metadata, with the tensors (numpy arrays) put back into ``result``."""
+    from safetensors.numpy import load
+
+    header_size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_size])
+    document: dict[str, Any] = json.loads(header["__metadata__"][wire.REPLY_METADATA_KEY])
+    document["result"].update(load(raw))
+    return document
 
 
 BACKLOG_CHECK_INTERVAL_S = 0.1
@@ -122,6 +163,17 @@ def backlog_from_replies(length: object, groups: object, group: str) -> int:
     return fallback
 
 
+def _payload(values: Any, text: str | None, reply_encoding: str | None) -> tuple[str, str | bytes]:
+    """(encoding, input) of a request's values or text; checks the reply encoding asked for."""
+    if reply_encoding is not None and reply_encoding not in wire.REPLY_ENCODINGS:
+        raise ValueError(f"reply_encoding must be one of {', '.join(wire.REPLY_ENCODINGS)}")
+    if (text is None) == (values is None):
+        raise ValueError("give either values or text")
+    if text is not None:
+        return wire.ENCODING_TEXT, text.encode("utf-8")
+    return encode_input(values)
+
+
 class ClientCore:
     """Builds request entries and interprets replies for one key space."""
 
@@ -161,8 +213,10 @@ class ClientCore:
     def build(
         self,
         model_id: str,
-        values: Any,
+        values: Any = None,
         *,
+        text: str | None = None,
+        reply_encoding: str | None = None,
         priority: int = 1,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         request_id: str | None = None,
@@ -170,8 +224,11 @@ class ClientCore:
         reply_to: str | None = None,
         traceparent: str | None = None,
     ) -> OutgoingRequest:
-        """Validate the arguments and build the entry to XADD (``traceparent``: the W3C trace
-        context of the caller's current span, carried to the consumer's logs and spans)."""
+        """Validate the arguments and build the entry to XADD: ``values`` (an array, or a dict
+        of named arrays) or ``text`` (for a model with a tokenizer). ``reply_encoding``:
+        ``safetensors`` to get arrays back as numpy arrays, not JSON lists. ``traceparent``:
+        the W3C trace context of the caller's current span, carried to the consumer's logs
+        and spans."""
         request_id = request_id or new_request_id()
         if not wire.is_valid_request_id(request_id):
             raise ValueError(
@@ -181,7 +238,7 @@ class ClientCore:
             raise ValueError("model_id must be a non-empty string")
         if not (math.isfinite(timeout_s) and timeout_s > 0):
             raise ValueError(f"timeout_s must be a positive number, got {timeout_s!r}")
-        encoding, payload = encode_input(values)
+        encoding, payload = _payload(values, text, reply_encoding)
         fields: dict[str, str | bytes] = {
             wire.FIELD_REQUEST_ID: request_id,
             wire.FIELD_MODEL_ID: model_id,
@@ -191,6 +248,8 @@ class ClientCore:
         }
         if model_type:
             fields[wire.FIELD_MODEL_TYPE] = model_type
+        if reply_encoding:
+            fields[wire.FIELD_REPLY_ENCODING] = reply_encoding
         if reply_to:
             fields[wire.FIELD_REPLY_TO] = reply_to
         if traceparent:
@@ -207,7 +266,9 @@ class ClientCore:
 
     @staticmethod
     def decode_reply(raw: bytes | str) -> dict[str, Any]:
-        """Parse a reply document (no status check)."""
+        """Parse a reply document, JSON or safetensors (no status check)."""
+        if isinstance(raw, bytes) and raw[:1] != b"{":
+            return decode_binary_reply(raw)
         doc: dict[str, Any] = _loads(raw)
         return doc
 

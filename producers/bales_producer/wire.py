@@ -8,7 +8,7 @@ Keys (prefix ``bales`` and queue ``requests`` by default)::
 
     bales:{requests}:p0 .. p<N-1>   request streams, p0 = highest priority
     bales:{requests}:dead           dead-letter stream
-    bales:reply:<request_id>        reply LIST holding one JSON document, with a TTL
+    bales:reply:<request_id>        reply LIST holding one document, with a TTL
     bales:inbox:<name>              optional per-client reply inbox (field ``reply_to``)
     bales:{requests}:models         HASH: model_id -> the weights every consumer should serve
     bales:{requests}:control        pub/sub channel: "reload this model" to every consumer
@@ -36,10 +36,17 @@ FIELD_MODEL_TYPE = "model_type"
 FIELD_TIMEOUT_MS = "timeout_ms"
 FIELD_REPLY_TO = "reply_to"
 FIELD_TRACEPARENT = "traceparent"
+FIELD_REPLY_ENCODING = "reply_encoding"
 
 ENCODING_JSON = "json"
 ENCODING_F32 = "f32"
-ENCODINGS = (ENCODING_JSON, ENCODING_F32)
+ENCODING_SAFETENSORS = "safetensors"
+ENCODING_TEXT = "text"
+ENCODINGS = (ENCODING_JSON, ENCODING_F32, ENCODING_SAFETENSORS, ENCODING_TEXT)
+REPLY_ENCODINGS = (ENCODING_JSON, ENCODING_SAFETENSORS)
+"""``reply_encoding``: a JSON document (default), or a safetensors document whose
+``__metadata__["reply"]`` holds the JSON document and whose tensors hold the result's arrays."""
+REPLY_METADATA_KEY = "reply"
 
 # Reply statuses and error codes.
 STATUS_OK = "ok"
