@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .architectures import DigitsCNN
 from .errors import ModelLoadError
 from .model_config import ModelConfig, stub_config
 from .model_types import Classification, ModelType, import_path, make_model_type
@@ -73,7 +74,7 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:12]
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"stub": StubNet}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"stub": StubNet, "digits_cnn": DigitsCNN}
 """Built-in architectures that state_dict and safetensors weight files load into (any
 other: ``package.module:Class``, a module class whose constructor takes no arguments)."""
 

@@ -107,6 +107,11 @@ class ModelSpec:
         return not self.input_shape
 
     @property
+    def input_names(self) -> frozenset[str]:
+        """The declared inputs' names."""
+        return frozenset(spec.name for spec in self.inputs)
+
+    @property
     def variable(self) -> bool:
         """True when some input dimension is variable."""
         return any(spec.variable for spec in self.inputs)

@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from bales_producer import KeySpace
 
@@ -33,25 +34,35 @@ def port_of(url: str) -> str:
     return url.rsplit(":", 1)[1].split("/")[0]
 
 
-async def test_the_redis_cli_example_gets_a_reply(service, redis_url, prefix) -> None:
-    code, out, err = await run(
-        ["sh", str(EXAMPLES / "redis-cli.sh")],
-        {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": port_of(redis_url), "BALES_PREFIX": prefix},
-    )
+async def test_the_redis_cli_example_gets_a_reply(service_factory, redis_url, prefix) -> None:
+    async with service_factory(models_config=ROOT / "weights" / "models.toml"):
+        code, out, err = await run(
+            ["sh", str(EXAMPLES / "redis-cli.sh")],
+            {
+                "REDIS_HOST": "127.0.0.1",
+                "REDIS_PORT": port_of(redis_url),
+                "BALES_PREFIX": prefix,
+                "BALES_TEXT_MODEL": "text_cls_demo",
+            },
+        )
     assert code == 0, err
-    reply = json.loads(out)
+    reply, text = (json.loads(line) for line in out.splitlines())
     assert reply["status"] == "ok" and reply["model_id"] == "stub_v1"
     assert reply["request_id"].startswith("cli-")
+    assert text["status"] == "ok" and text["model_id"] == "text_cls_demo"
+    assert text["result"]["label"] in {"cluster", "operations", "security", "wire-format"}
 
 
-async def run_node_example(redis_url: str, prefix: str) -> list[dict]:
+async def run_node_example(redis_url: str, prefix: str, text_model: str = "") -> list[dict]:
     node_dir = EXAMPLES / "node"
     if shutil.which("node") is None or not (node_dir / "node_modules").is_dir():
         if os.environ.get("CI"):
             pytest.fail("Node.js or the example's node_modules missing (make node-deps)")
         pytest.skip("Node.js or node_modules missing: run `make node-deps`")
     code, out, err = await run(
-        ["node", "send.mjs"], {"REDIS_URL": redis_url, "BALES_PREFIX": prefix}, cwd=node_dir
+        ["node", "send.mjs"],
+        {"REDIS_URL": redis_url, "BALES_PREFIX": prefix, "BALES_TEXT_MODEL": text_model},
+        cwd=node_dir,
     )
     assert code == 0, err
     return [json.loads(line) for line in out.splitlines()]
@@ -63,6 +74,18 @@ async def test_the_nodejs_example_gets_replies_for_json_and_f32(service, redis_u
     assert [r["priority"] for r in replies] == [0, 1]
     # the same values sent as JSON and as f32 give the same answer
     assert replies[0]["result"]["label"] == replies[1]["result"]["label"]
+
+
+async def test_the_nodejs_example_sends_text_and_a_safetensors_document(
+    service_factory, redis_url, prefix
+) -> None:
+    async with service_factory(models_config=ROOT / "weights" / "models.toml"):
+        replies = await run_node_example(redis_url, prefix, "text_embed_demo")
+    assert [r["status"] for r in replies] == ["ok"] * 4, replies
+    text, tensors = (np.array(r["result"]["embedding"]) for r in replies[2:])
+    assert text.shape == (64,) and abs(np.linalg.norm(text) - 1) < 1e-5
+    # the text and the token ids Node wrote by hand are the same request: the same embedding
+    assert np.abs(text - tensors).max() <= 1e-6
 
 
 async def test_the_nodejs_example_follows_the_shard_rule(
@@ -95,4 +118,5 @@ async def test_the_digits_example_reports_its_accuracy(service_factory, redis_ur
             {"REDIS_URL": redis_url, "BALES_PREFIX": prefix},
         )
     assert code == 0, err
-    assert "437/450 correct = 0.9711 accuracy" in out
+    assert "digits_v1 (digits_mlp-a84d1996e8e4): 437/450 correct = 0.9711 accuracy" in out
+    assert "digits_cnn (digits_cnn-fe0bd9bcc91f): 443/450 correct = 0.9844 accuracy" in out

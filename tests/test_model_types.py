@@ -77,8 +77,15 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_the_shipped_models_file_is_valid() -> None:
     configs = load_models_file(Path(__file__).parent.parent / "weights" / "models.toml")
-    assert [c.model_id for c in configs] == ["stub_v1", "digits_v1"]
+    assert [c.model_id for c in configs] == [
+        "stub_v1",
+        "digits_v1",
+        "text_embed_demo",
+        "text_cls_demo",
+        "digits_cnn",
+    ]
     assert configs[1].max_batch_size == 64 and configs[1].options == {"top_k": 3}
+    assert all(c.sha256 for c in configs if c.format == "export")  # archives that run code
 
 
 @pytest.mark.parametrize(

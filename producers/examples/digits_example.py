@@ -1,9 +1,11 @@
-"""Classify scikit-learn's held-out digits with the shipped ``digits_v1`` model.
+"""Classify scikit-learn's held-out digits with the shipped ``digits_v1`` model (an MLP on
+64 floats) and ``digits_cnn`` (a CNN on uint8 8x8 images, sent as a safetensors tensor).
 
     MODELS_CONFIG=weights/models.toml bales-stream serve         # in one terminal
     python producers/examples/digits_example.py                  # in another
 
-Needs scikit-learn (for the digits) and numpy. Prints the accuracy over the held-out set.
+Needs scikit-learn (for the digits), numpy and safetensors. Prints each model's accuracy over
+the held-out set.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from bales_producer import AsyncClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -22,16 +25,23 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
 PREFIX = os.environ.get("BALES_PREFIX", "bales")
 
 
-async def main() -> None:
-    _, x_test, _, y_test = held_out_split()
-    async with AsyncClient(REDIS_URL, prefix=PREFIX) as client:
-        replies = await asyncio.gather(*(client.infer("digits_v1", image) for image in x_test))
-    correct = sum(r["result"]["label"] == int(y) for r, y in zip(replies, y_test, strict=True))
+def report(replies: list[dict], labels: np.ndarray) -> None:
+    correct = sum(r["result"]["label"] == int(y) for r, y in zip(replies, labels, strict=True))
     print(
-        f"digits_v1 ({replies[0]['model_version']}): {correct}/{len(y_test)} correct "
-        f"= {correct / len(y_test):.4f} accuracy"
+        f"{replies[0]['model_id']} ({replies[0]['model_version']}): {correct}/{len(labels)} "
+        f"correct = {correct / len(labels):.4f} accuracy"
     )
-    print("first reply:", replies[0]["result"])
+
+
+async def main() -> None:
+    _, x_test, _, y_test = held_out_split()  # 64 floats in [0, 1] per digit
+    images = np.rint(x_test * 255).astype(np.uint8).reshape(-1, 8, 8)  # uint8 pixels
+    async with AsyncClient(REDIS_URL, prefix=PREFIX) as client:
+        mlp = await asyncio.gather(*(client.infer("digits_v1", x) for x in x_test))
+        cnn = await asyncio.gather(*(client.infer("digits_cnn", {"image": i}) for i in images))
+    report(mlp, y_test)
+    report(cnn, y_test)
+    print("first reply:", cnn[0]["result"])
 
 
 if __name__ == "__main__":

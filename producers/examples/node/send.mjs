@@ -4,14 +4,16 @@
 //   npm ci && REDIS_URL=redis://127.0.0.1:6379 node send.mjs
 //
 // Env: REDIS_URL (default redis://127.0.0.1:6379), BALES_PREFIX (default bales),
-//      BALES_MODEL (default stub_v1). Prints one reply document per line; exits 1 on
-//      an error reply or when no reply arrives within 10 s.
+//      BALES_MODEL (default stub_v1), BALES_TEXT_MODEL (default text_embed_demo, from
+//      weights/models.toml; empty: skip the text and safetensors requests). Prints one reply
+//      document per line; exits 1 on an error reply or when no reply arrives within 10 s.
 import { crc32 } from 'node:zlib';
 import { createClient } from 'redis';
 
 const url = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const prefix = process.env.BALES_PREFIX ?? 'bales';
 const modelId = process.env.BALES_MODEL ?? 'stub_v1';
+const textModelId = process.env.BALES_TEXT_MODEL ?? 'text_embed_demo';
 const REPLY_WAIT_S = 10;
 
 const client = createClient({ url });
@@ -39,6 +41,26 @@ async function infer(requestId, fields, priority = 1) {
   return JSON.parse(popped.element);
 }
 
+// A safetensors document (docs/wire-format.md, "Typed inputs"): an 8-byte little-endian
+// header length, a JSON header {name: {dtype, shape, data_offsets}}, then each tensor's raw
+// little-endian bytes. tensors: {name: {dtype: 'I64' | 'F32' | ..., shape, data: TypedArray}}.
+function safetensors(tensors) {
+  const header = {};
+  const chunks = [];
+  let offset = 0;
+  for (const [name, { dtype, shape, data }] of Object.entries(tensors)) {
+    const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+    header[name] = { dtype, shape, data_offsets: [offset, offset + bytes.length] };
+    chunks.push(bytes);
+    offset += bytes.length;
+  }
+  const json = Buffer.from(JSON.stringify(header));
+  const padded = Buffer.concat([json, Buffer.alloc((8 - (json.length % 8)) % 8, ' ')]);
+  const size = Buffer.alloc(8);
+  size.writeBigUInt64LE(BigInt(padded.length));
+  return Buffer.concat([size, padded, ...chunks]);
+}
+
 const values = Array.from({ length: 128 }, (_, i) => Math.sin(i / 8));
 const base = `node-${process.pid}-${Date.now()}`;
 let failed = false;
@@ -48,7 +70,23 @@ try {
   // 2. f32 input: raw little-endian float32 bytes (Float32Array is little-endian on x86/ARM).
   const bytes = Buffer.from(new Float32Array(values).buffer);
   const viaF32 = await infer(`${base}-f32`, { input: bytes, encoding: 'f32' }, 1);
-  for (const reply of [viaJson, viaF32]) {
+  const replies = [viaJson, viaF32];
+  if (textModelId) {
+    // 3. text input: the consumer tokenises it (the model declares a tokenizer).
+    const text = 'Redis streams serve models'; // the same tokens as the ids below
+    replies.push(await infer(`${base}-text`, { model_id: textModelId, encoding: 'text', input: text }));
+    // 4. safetensors input: token ids and their mask as int64 tensors ([CLS] ... [SEP]).
+    const ids = BigInt64Array.from([2n, 168n, 454n, 591n, 253n, 3n]);
+    const mask = new BigInt64Array(ids.length).fill(1n);
+    const document = safetensors({
+      input_ids: { dtype: 'I64', shape: [ids.length], data: ids },
+      attention_mask: { dtype: 'I64', shape: [mask.length], data: mask },
+    });
+    replies.push(
+      await infer(`${base}-tensors`, { model_id: textModelId, encoding: 'safetensors', input: document }),
+    );
+  }
+  for (const reply of replies) {
     console.log(JSON.stringify(reply));
     if (reply.status !== 'ok') failed = true;
   }

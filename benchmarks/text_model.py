@@ -1,0 +1,228 @@
+"""A real model against its limit: ``text_embed_demo`` served from Redis vs a tight loop.
+
+The limit is a loop in one process that calls the same loaded model (tokeniser, padding,
+exported encoder, pooling: ``LoadedModel.predict``) on the same batches the service forms
+at saturation (texts grouped by length bucket, ``MAX_BATCH_SIZE`` at a time), with the same
+thread settings (``THREAD_POOL_SIZE`` threads, each running torch with
+``INTRA_OP_THREADS``). The service is one consumer process on a private redis-server, given
+all the requests at once as plain XADDs (``encoding=text``, replies to one inbox), timed
+from the first XADD to the last reply. Loop and service alternate, ``--runs`` times per
+thread setting; the ratio is of medians. Padding waste (padded / real input values) comes
+from the consumer's ``bales_input_elements_total``, with and without length buckets.
+
+Run: ``python -m benchmarks.text_model --requests 2000 --runs 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import redis.asyncio as aioredis
+from bales_producer import KeySpace
+
+from bales_stream.embedded_redis import RedisServer, free_port
+from bales_stream.inference import use_threads
+from bales_stream.model_config import ModelConfig, load_models_file
+from bales_stream.models import LoadedModel, load_model
+from bales_stream.tensors import bucket_of
+from tools.make_demo_models import corpus_files
+
+from .fault_harness import wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_ID = "text_embed_demo"
+SETTINGS = [(1, 2), (2, 1), (4, 1)]
+"""(THREAD_POOL_SIZE, INTRA_OP_THREADS) pairs measured."""
+
+
+@dataclass(frozen=True)
+class _Text:
+    """One text request, as ``LoadedModel.predict`` takes it."""
+
+    text: str
+    inputs: dict = field(default_factory=dict)
+
+
+def texts(count: int, seed: int = 0) -> list[str]:
+    """``count`` sentences of mixed lengths from the repository's docs (1 to ~150 words)."""
+    sentences: list[str] = []
+    for path in corpus_files():
+        for sentence in re.split(r"(?<=[.!?])\s+|\n\n", path.read_text()):
+            words = sentence.split()
+            if words:
+                sentences.append(" ".join(words))
+    rng = random.Random(seed)
+    return [rng.choice(sentences) for _ in range(count)]
+
+
+def config() -> ModelConfig:
+    """The demo model's entry of the shipped models file."""
+    configs = load_models_file(ROOT / "weights" / "models.toml")
+    return next(c for c in configs if c.model_id == MODEL_ID)
+
+
+def load() -> LoadedModel:
+    """The model, loaded as a consumer loads it."""
+    cfg = config()
+    assert cfg.tokenizer is not None
+    weights = ROOT / "weights"
+    return load_model(cfg, weights / cfg.file, None, weights / cfg.tokenizer.file)
+
+
+def batches(items: list[str], max_batch_size: int, bucketing: bool = True) -> list[list[str]]:
+    """The batches a saturated consumer forms: by length bucket, ``max_batch_size`` each."""
+    groups: dict[int, list[str]] = {}
+    for text in items:
+        key = bucket_of(len(text.encode()) // 4 + 2) if bucketing else 0
+        groups.setdefault(key, []).append(text)
+    return [
+        group[i : i + max_batch_size]
+        for group in groups.values()
+        for i in range(0, len(group), max_batch_size)
+    ]
+
+
+def loop_rate(model: LoadedModel, items: list[str], pool: int, intra: int, size: int) -> float:
+    """Texts per second of the tight loop."""
+
+    def run(batch: list[str]) -> None:
+        use_threads(intra)
+        model.predict([_Text(t) for t in batch])
+
+    work = batches(items, size)
+    with ThreadPoolExecutor(pool) as executor:
+        list(executor.map(run, work[:pool]))  # warm each thread
+        started = time.perf_counter()
+        list(executor.map(run, work))
+        return len(items) / (time.perf_counter() - started)
+
+
+async def service_rate(
+    redis_url: str, items: list[str], pool: int, intra: int, size: int, bucketing: bool = True
+) -> tuple[float, float]:
+    """(texts per second, padding waste) of one consumer process given every text at once."""
+    prefix = f"tm{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    with tempfile.TemporaryDirectory() as directory:
+        models = Path(directory) / "models.toml"
+        models.write_text(_entry(bucketing, size))
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "KEY_PREFIX": prefix,
+            "PORT": str(port),
+            "LOG_LEVEL": "warning",
+            "MODELS_CONFIG": str(models),
+            "WEIGHTS_DIR": str(ROOT / "weights"),
+            "THREAD_POOL_SIZE": str(pool),
+            "INTRA_OP_THREADS": str(intra),
+            "MAX_BATCH_SIZE": str(size),
+            "BATCHER_TIMEOUT_S": "600",
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "consumer.py", cwd=ROOT, env=env
+        )
+        try:
+            await wait_ready(port, timeout_s=120)
+            elapsed_s = await _drive(redis_url, KeySpace(prefix), items)
+            waste = await _waste(port)
+        finally:
+            process.terminate()
+            await process.wait()
+    return len(items) / elapsed_s, waste
+
+
+def _entry(bucketing: bool, size: int) -> str:
+    text = (ROOT / "weights" / "models.toml").read_text()
+    start = text.index(f'model_id = "{MODEL_ID}"')
+    block = text[text.rindex("[[models]]", 0, start) :]
+    following = block.find("[[models]]", 1)
+    block = block if following < 0 else block[:following]
+    return f"{block}\nbucketing = {str(bucketing).lower()}\nmax_batch_size = {size}\n"
+
+
+async def _drive(redis_url: str, keys: KeySpace, items: list[str]) -> float:
+    inbox = keys.inbox(uuid.uuid4().hex)
+    async with aioredis.Redis.from_url(redis_url) as client:
+        started = time.perf_counter()
+        pipe = client.pipeline(transaction=False)
+        for i, text in enumerate(items):
+            pipe.xadd(
+                keys.stream(1),
+                {
+                    "request_id": f"t{i}-{uuid.uuid4().hex[:8]}",
+                    "model_id": MODEL_ID,
+                    "encoding": "text",
+                    "input": text.encode(),
+                    "reply_to": inbox,
+                },
+            )
+        await pipe.execute()
+        received = 0
+        while received < len(items):
+            popped = await client.blmpop(30, 1, inbox, direction="LEFT", count=1000)
+            assert popped is not None, f"only {received} of {len(items)} replies"
+            received += len(popped[1])
+        return time.perf_counter() - started
+
+
+async def _waste(port: int) -> float:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        body = await response.text()
+    values = {}
+    for kind in ("real", "padding"):
+        pattern = rf'bales_input_elements_total{{kind="{kind}",model_id="{MODEL_ID}"}} (\S+)'
+        found = re.search(pattern, body)
+        values[kind] = float(found.group(1)) if found else 0.0
+    return values["padding"] / values["real"] if values["real"] else 0.0
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    items = texts(args.requests)
+    model = load()
+    server = RedisServer().start()
+    try:
+        print(f"{args.requests} texts, MAX_BATCH_SIZE {args.batch}, {args.runs} runs per setting")
+        print("| THREAD_POOL_SIZE | INTRA_OP_THREADS | loop texts/s | service texts/s | ratio |")
+        print("|---|---|---|---|---|")
+        for pool, intra in SETTINGS:
+            loops, services = [], []
+            for _ in range(args.runs):
+                loops.append(loop_rate(model, items, pool, intra, args.batch))
+                rate, _ = await service_rate(server.url, items, pool, intra, args.batch)
+                services.append(rate)
+            loop, service = statistics.median(loops), statistics.median(services)
+            print(f"| {pool} | {intra} | {loop:,.0f} | {service:,.0f} | {service / loop:.2f}x |")
+        for bucketing in (True, False):
+            _, waste = await service_rate(server.url, items, 2, 1, args.batch, bucketing)
+            print(f"padding waste with bucketing={bucketing}: {waste:.2f} padded per real value")
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32, help="MAX_BATCH_SIZE")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
