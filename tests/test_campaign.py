@@ -2,10 +2,11 @@
 
 Hypothesis writes arbitrary entries with a plain XADD (every field absent, empty, huge,
 non-UTF-8, non-ASCII digits, another type of key behind ``reply_to`` or the reply key,
-explicit and future entry IDs, duplicate and unknown fields) into the streams of a real
-``bales-stream serve`` process on a real redis-server. After each one a canary request must
-be answered within a bound, nothing may stay pending, and /ready must be 200 with no task
-problem. Then the process is killed, poison is left in its own pending list, and a process
+explicit and future entry IDs, duplicate and unknown fields; typed inputs as arbitrary
+safetensors documents, JSON objects and text for the shipped demo models) into the streams
+of a real ``bales-stream serve`` process on a real redis-server. After each one a canary
+request must be answered within a bound, nothing may stay pending, and /ready must be 200 with
+no task problem. Then the process is killed, poison is left in its own pending list, and a process
 restarted under the same consumer name must answer all of it.
 """
 
@@ -21,9 +22,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import redis
+import safetensors.numpy
 from bales_producer import KeySpace, wire
+from bales_producer.core import ClientCore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -59,6 +63,8 @@ def start_service(redis_url: str, prefix: str) -> tuple[subprocess.Popen[bytes],
         PORT=str(port),
         CONSUMER_NAME=CONSUMER,
         MAX_INPUT_BYTES=str(MAX_INPUT_BYTES),
+        MODELS_CONFIG=str(ROOT / "weights" / "models.toml"),
+        WEIGHTS_DIR=str(ROOT / "weights"),
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "bales_stream", "serve"],
@@ -110,11 +116,56 @@ huge = st.integers(MAX_INPUT_BYTES + 1, 3 * MAX_INPUT_BYTES).map(lambda n: b"9" 
 generic = st.one_of(st.just(b""), text.map(str.encode), junk_bytes, non_utf8, huge)
 """What any field may hold: empty, any text, any bytes, non-UTF-8, huge."""
 
+DTYPES = ["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
+TENSOR_NAMES = ["input", "input_ids", "attention_mask", "image", "token_type_ids", "x" * 70]
+
+
+@st.composite
+def safetensors_documents(draw: st.DrawFn) -> bytes:
+    """A well-formed safetensors document of arbitrary named tensors (any dtype and shape,
+    empty ones included), or one whose header lies about its length or its data."""
+    tensors = {}
+    for name in draw(st.lists(st.sampled_from(TENSOR_NAMES), max_size=3, unique=True)):
+        shape = draw(st.lists(st.integers(0, 140), max_size=3))
+        dtype = draw(st.sampled_from(DTYPES))
+        tensors[name] = np.zeros(shape, dtype=dtype) + draw(st.sampled_from([0, 1, 7, -1]))
+    document = safetensors.numpy.save(tensors)
+    lie = draw(st.sampled_from(["none", "none", "length", "data", "header"]))
+    if lie == "length":
+        return draw(st.integers(0, 2**64 - 1)).to_bytes(8, "little") + document[8:]
+    if lie == "data":
+        return document[: draw(st.integers(0, len(document)))]
+    if lie == "header":
+        header = draw(st.binary(max_size=80))
+        return len(header).to_bytes(8, "little") + header + document[8:]
+    return document
+
+
+TYPED_INPUTS = st.one_of(
+    safetensors_documents(),
+    st.sampled_from(
+        [
+            json.dumps({"input_ids": [2, 5, 3], "attention_mask": [1, 1, 1]}).encode(),
+            json.dumps({"input_ids": [2, 999_999, 3], "attention_mask": [1, 1, 1]}).encode(),
+            json.dumps({"input_ids": [-1], "attention_mask": [0]}).encode(),
+            json.dumps({"input_ids": [2] * 129, "attention_mask": [1] * 129}).encode(),
+            json.dumps({"image": [[256] * 8] * 8}).encode(),
+            json.dumps({"image": [[1.5] * 8] * 8}).encode(),
+            json.dumps({str(i): [i] for i in range(2000)}).encode(),
+            "\u00e9\u202e \x00 \U0001f600".encode(),
+            b" " * 60_000,
+            b"x" * 60_000,
+        ]
+    ),
+)
+
 SPECIFIC: dict[bytes, st.SearchStrategy[bytes]] = {
     b"request_id": st.sampled_from(
         [b"h-\n", "h-\u00e9".encode(), b"x" * 129, b"a b", "٣".encode()]
     ),
-    b"model_id": st.sampled_from([b"nope", b"stub_v1 ", b"STUB_V1", b"stub_v2"]),
+    b"model_id": st.sampled_from(
+        [b"nope", b"stub_v1 ", b"STUB_V1", b"stub_v2", b"text_embed_demo", b"digits_cnn"]
+    ),
     b"input": st.one_of(
         st.sampled_from(
             [
@@ -131,8 +182,10 @@ SPECIFIC: dict[bytes, st.SearchStrategy[bytes]] = {
         st.lists(st.floats(width=32), min_size=128, max_size=128).map(
             lambda v: json.dumps(v).encode()
         ),
+        TYPED_INPUTS,
     ),
-    b"encoding": st.sampled_from([b"json", b"f32", b"F32", b"f16"]),
+    b"encoding": st.sampled_from([b"json", b"f32", b"F32", b"f16", b"safetensors", b"text"]),
+    b"reply_encoding": st.sampled_from([b"json", b"safetensors", b"SAFETENSORS", b"msgpack"]),
     b"timeout_ms": st.one_of(
         st.integers(-5, 90_000_000).map(lambda n: str(n).encode()),
         st.sampled_from(["²", "٣٠٠٠", "1e3", " 5", "5 ", "0x10", "9" * 5000]).map(str.encode),
@@ -142,6 +195,20 @@ SPECIFIC: dict[bytes, st.SearchStrategy[bytes]] = {
     b"reply_to": st.just(b""),  # filled in by the test (needs the key space)
 }
 KINDS = ("string", "hash", "set", "zset", "list", "stream", "none")
+BASES = [
+    {b"model_id": b"stub_v1", b"input": GOOD.encode()},
+    {b"model_id": b"text_cls_demo", b"encoding": b"text", b"input": b"streams and replies"},
+    {
+        b"model_id": b"text_embed_demo",
+        b"encoding": b"safetensors",
+        b"reply_encoding": b"safetensors",
+        b"input": safetensors.numpy.save(
+            {"input_ids": np.array([2, 40, 3]), "attention_mask": np.ones(3, np.int64)}
+        ),
+    },
+    {b"model_id": b"digits_cnn", b"input": json.dumps({"image": [[9] * 8] * 8}).encode()},
+]
+"""Valid entries the campaign mutates: the stub, text, safetensors, a uint8 image."""
 
 
 @st.composite
@@ -149,11 +216,7 @@ def entries(draw: st.DrawFn) -> dict:
     """A valid entry with one to three fields mutated (absent, or a specific or generic bad
     value), maybe unknown and duplicate fields; plus which type of key squats the reply key
     and the inbox, the priority, and whether its ID is set ahead of the clock."""
-    fields = {
-        b"request_id": f"h-{draw(st.uuids()).hex}".encode(),
-        b"model_id": b"stub_v1",
-        b"input": GOOD.encode(),
-    }
+    fields = {b"request_id": f"h-{draw(st.uuids()).hex}".encode(), **draw(st.sampled_from(BASES))}
     for name in draw(st.lists(st.sampled_from(sorted(SPECIFIC)), max_size=3, unique=True)):
         choice = draw(st.sampled_from(["absent", "specific", "specific", "generic"]))
         if choice == "absent":
@@ -253,7 +316,7 @@ def test_no_entry_stops_wedges_or_crashes_the_service(live: Live, entry: dict) -
         return  # no usable request_id: dead-lettered (checked by pending == 0 above)
     document = live.client.lindex(live.keys.reply(name), 0)
     assert document is not None, f"request {name!r} was acked without a reply"
-    reply = json.loads(document)
+    reply = ClientCore.decode_reply(document)  # JSON, or safetensors when asked and ok
     assert reply["request_id"] == name
     if reply["status"] == "error":
         assert reply["error"]["code"] and reply["error"]["message"]

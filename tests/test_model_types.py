@@ -128,3 +128,37 @@ def test_bad_models_files_are_refused_with_the_reason(tmp_path: Path, text: str,
 def test_a_missing_models_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_models_file(tmp_path / "nope.toml")
+
+
+def padded_outputs(logits: torch.Tensor, lengths: list[int]) -> ModelOutputs:
+    longest = logits.shape[1]
+    mask = torch.tensor([[1] * n + [0] * (longest - n) for n in lengths])
+    batch = Batch({"attention_mask": mask}, {"seq": torch.tensor(lengths)})
+    return ModelOutputs({"logits": logits}, batch, {"logits": ("seq", logits.shape[2])})
+
+
+def test_token_classification_labels_each_real_token_only() -> None:
+    logits = torch.tensor(
+        [[[5.0, 0.0], [0.0, 5.0], [9.0, 0.0]], [[0.0, 5.0], [9.0, 9.0], [9.0, 9.0]]]
+    )
+    kind = make_model_type("token-classification", {"labels": ["O", "NAME"]})
+    first, second = kind.postprocess(padded_outputs(logits, [2, 1]))
+    assert first["labels"] == ["O", "NAME"] and second["labels"] == ["NAME"]
+    assert first["scores"].shape == (2,) and second["scores"].shape == (1,)
+    assert first["scores"][0] == pytest.approx(torch.softmax(logits[0, 0], 0)[0].item())
+
+
+def test_embedding_pools_the_mean_over_the_mask_or_takes_the_first_position() -> None:
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [100.0, 100.0]]])
+    outputs = padded_outputs(hidden, [2])
+    [mean] = Embedding(pooling="mean", normalize=False).postprocess(outputs)
+    [cls] = Embedding(pooling="cls", normalize=False).postprocess(outputs)
+    assert mean["embedding"].tolist() == [2.0, 1.0]  # the padded position is left out
+    assert cls["embedding"].tolist() == [1.0, 0.0]
+
+
+def test_tensor_outputs_cut_each_request_to_its_own_length() -> None:
+    hidden = torch.arange(12.0).reshape(2, 3, 2)
+    first, second = make_model_type("tensor").postprocess(padded_outputs(hidden, [3, 1]))
+    assert first["logits"].tolist() == hidden[0].tolist()
+    assert second["logits"].tolist() == [[6.0, 7.0]]

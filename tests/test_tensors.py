@@ -199,3 +199,10 @@ def test_a_batch_pads_each_variable_dimension_to_its_longest_request() -> None:
 
 def test_length_buckets_are_powers_of_two_from_eight() -> None:
     assert [bucket_of(n) for n in (1, 8, 9, 16, 17, 100, 128)] == [8, 8, 16, 16, 32, 128, 128]
+
+
+def test_a_safetensors_request_to_a_single_input_model_is_checked_like_json() -> None:
+    good = safetensors.numpy.save({"input": np.ones(4, np.float32)})
+    assert decode_inputs(good, "safetensors", LEGACY).tensors["input"].tolist() == [1.0] * 4
+    wrong = safetensors.numpy.save({"input": np.ones(5, np.float32)})
+    assert "tensor input has shape [5]" in refused(wrong, "safetensors", LEGACY)
