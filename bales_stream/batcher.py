@@ -139,8 +139,10 @@ class Batcher(Generic[T]):
                 pass
 
     async def wait_for_room(self, capacity: int) -> None:
-        """Wait until fewer than ``capacity`` items are waiting (reader back-pressure)."""
-        while self._size >= capacity:
+        """Wait until fewer than ``capacity`` items per batch key are waiting (reader
+        back-pressure): requests split over several keys (models, length buckets) still
+        fill their batches."""
+        while self._size >= capacity * max(1, len(self._queues)):
             self._room.clear()
             await self._room.wait()
 

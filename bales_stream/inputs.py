@@ -129,7 +129,11 @@ def _json_tensors(raw: bytes, spec: ModelSpec) -> dict[str, np.ndarray]:
     if most is not None and commas >= most + len(spec.inputs) - 1:
         if not spec.named:
             raise invalid(f"input has at least {commas + 1} values; {spec.model_id} expects {most}")
-        raise invalid(f"input holds more values than {spec.model_id} takes ({most} at most)")
+        bounds = ", ".join(f"{name} <= {size}" for name, size in spec.max_dims)
+        raise invalid(
+            f"input has {commas} commas: more than {spec.model_id} takes ({most} values at "
+            f"most in {_json_expected(spec)}{'; ' + bounds if bounds else ''})"
+        )
     try:
         value = orjson.loads(raw)  # strict JSON: NaN, Infinity and 1e400 are refused
     except orjson.JSONDecodeError as exc:
@@ -179,11 +183,11 @@ def _json_array(spec: ModelSpec, name: str, value: object) -> np.ndarray:
 def _cast(label: str, declared: TensorSpec, array: np.ndarray) -> np.ndarray:
     """``array`` (from JSON) as the declared dtype, refusing values that do not fit it."""
     kind = declared.storage.kind
-    if kind == "f":
-        if array.dtype.kind == "b":
-            raise invalid(f"{label} holds booleans: expected {declared.dtype} numbers")
+    if kind == "f":  # true/false count as 1/0, as they do for integer inputs
         with np.errstate(over="ignore"):
             cast = array.astype(declared.storage)
+        if declared.dtype == "bfloat16":
+            cast = _round_to_bfloat16(cast)
         _check_finite(declared, cast)
         return cast
     if array.dtype.kind == "f" and not np.array_equal(array, np.floor(array)):
@@ -202,6 +206,14 @@ def _cast(label: str, declared: TensorSpec, array: np.ndarray) -> np.ndarray:
     if too_large or (array.size and int(array.min()) < info.min):
         raise invalid(f"{label} holds integers out of {declared.dtype} range")
     return array.astype(declared.storage)
+
+
+def _round_to_bfloat16(array: np.ndarray) -> np.ndarray:
+    """float32 values rounded (to nearest even) to bfloat16's, as float32: a value beyond
+    bfloat16's range becomes infinite here, where it is refused, not in the model."""
+    bits = array.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32)
 
 
 def _check_finite(declared: TensorSpec, array: np.ndarray) -> None:

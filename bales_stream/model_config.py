@@ -80,6 +80,10 @@ class InputConfig(BaseModel):
     shape: tuple[int | str, ...] = ()
     pad: float = 0
     """The value that pads a variable dimension (e.g. the pad token id; 0 for a mask)."""
+    range: tuple[float, float] | None = None
+    """The smallest and largest value a request may send (else refused)."""
+    mask: bool | None = None
+    """A mask input: only 0/1 and at least one 1 (default: true for ``attention_mask``)."""
 
     @model_validator(mode="after")
     def _check(self) -> InputConfig:
@@ -95,9 +99,14 @@ class InputConfig(BaseModel):
             raise ValueError(f"input {self.name}: pad of a bool input must be 0 or 1")
         return self
 
-    def spec(self) -> TensorSpec:
-        """The runtime form."""
-        return TensorSpec(self.name, self.dtype, self.shape, self.pad)
+    def spec(self, vocabulary_size: int | None = None) -> TensorSpec:
+        """The runtime form; ``input_ids`` of a model with a tokenizer of
+        ``vocabulary_size`` tokens take ids 0 to vocabulary_size - 1 unless a range is set."""
+        value_range = self.range
+        if value_range is None and vocabulary_size and self.name == "input_ids":
+            value_range = (0, vocabulary_size - 1)
+        mask = self.mask if self.mask is not None else self.name == "attention_mask"
+        return TensorSpec(self.name, self.dtype, self.shape, self.pad, value_range, mask)
 
 
 class OutputConfig(BaseModel):
@@ -193,13 +202,14 @@ class ModelConfig(BaseModel):
                     f"a tokenizer fills only {', '.join(TOKENIZER_INPUTS)}; not {unfilled[0]}"
                 )
 
-    def spec(self, model_type: str) -> ModelSpec:
-        """The runtime interface of this model (``model_type``: the type's name)."""
+    def spec(self, model_type: str, vocabulary_size: int | None = None) -> ModelSpec:
+        """The runtime interface of this model (``model_type``: the type's name;
+        ``vocabulary_size``: its tokenizer's, bounding ``input_ids``)."""
         return ModelSpec(
             self.model_id,
             model_type,
             tuple(self.input_shape or ()),
-            tuple(i.spec() for i in self.inputs or ()),
+            tuple(i.spec(vocabulary_size) for i in self.inputs or ()),
             tuple(sorted(self.max_dims.items())),
             text=self.tokenizer is not None,
             bucketing=self.bucketing,

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import safetensors.torch
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from .architectures import DigitsCNN
@@ -32,7 +33,7 @@ from .errors import ModelLoadError
 from .model_config import ModelConfig, stub_config
 from .model_types import Classification, ModelType, import_path, make_model_type
 from .tensors import Batch, Dim, ModelOutputs, ModelSpec, collate
-from .text import TextEncoder
+from .text import TextEncoder, parse_tokenizer
 
 CLASSIFICATION = "classification"
 STUB_INPUT_SIZE = 128
@@ -225,9 +226,13 @@ def load_model(
     )
     module, state = _load_module(config, path, data)
     kind = make_model_type(config.model_type, config.options)
-    spec = config.spec(getattr(kind, "name", config.model_type))
+    tokenizer = _tokenizer(config, tokenizer_path)
+    vocabulary = tokenizer.get_vocab_size() if tokenizer is not None else None
+    spec = config.spec(getattr(kind, "name", config.model_type), vocabulary)
     outputs = tuple((o.name, o.shape) for o in config.outputs)
-    text = _text_encoder(config, spec, tokenizer_path)
+    text = None
+    if tokenizer is not None and config.tokenizer is not None:
+        text = TextEncoder(tokenizer, spec.inputs, config.tokenizer.max_length)
     version = f"{path.stem}-{weights_hash(state)}"
     model = LoadedModel(spec, version, module, kind, outputs, text, config.intra_op_threads)
     try:
@@ -248,13 +253,13 @@ def _inputs_text(spec: ModelSpec) -> str:
     return ", ".join(s.describe() for s in spec.inputs)
 
 
-def _text_encoder(config: ModelConfig, spec: ModelSpec, path: Path | None) -> TextEncoder | None:
+def _tokenizer(config: ModelConfig, path: Path | None) -> Tokenizer | None:
     if config.tokenizer is None:
         return None
     if path is None:
         raise ModelLoadError(f"{config.model_id}: its tokenizer file was not given")
     data = read_weights(path, config.tokenizer.sha256, "MODELS_CONFIG (tokenizer.sha256)")
-    return TextEncoder.from_bytes(data, path.name, spec.inputs, config.tokenizer.max_length)
+    return parse_tokenizer(data, path.name, config.tokenizer.max_length)
 
 
 def read_weights(path: Path, expected_sha256: str | None, pinned_by: str) -> bytes:

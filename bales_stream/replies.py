@@ -105,4 +105,9 @@ def expired_completion(request: Request, now_ms: float) -> Completion:
         f"deadline passed {late_ms:.0f} ms before the request could be computed "
         f"(timeout_ms was {request.deadline_ms - request.enqueued_ms})"
     )
+    if request.retried:
+        message += (
+            "; an earlier delivery was not answered: the model raised on it, or the "
+            "consumer holding it stopped"
+        )
     return error_completion(request, wire.ERROR_EXPIRED, message)

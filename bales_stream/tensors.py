@@ -52,13 +52,18 @@ DEFAULT_INPUT = "input"
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One declared input: its name, dtype, shape (without the batch dimension) and the
-    value that pads its variable dimensions."""
+    """One declared input: its name, dtype, shape (without the batch dimension), the value
+    that pads its variable dimensions, the values it may hold, and whether it is a mask."""
 
     name: str
     dtype: str = "float32"
     shape: tuple[Dim, ...] = ()
     pad: float = 0
+    value_range: tuple[float, float] | None = None
+    """The smallest and largest value allowed (e.g. token ids: 0 to vocabulary size - 1)."""
+    mask: bool = False
+    """A mask: only 0 and 1, and at least one 1 (a request with no real position would get
+    a result that depends on its batch's padding)."""
 
     @property
     def variable(self) -> bool:
@@ -154,7 +159,27 @@ def check_tensors(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> dict[st
                 + ", ".join(s.describe() for s in spec.inputs)
             )
         _check_shape(spec, input_spec, array.shape, sizes)
+        _check_values(input_spec, array)
     return sizes
+
+
+def _check_values(input_spec: TensorSpec, array: np.ndarray) -> None:
+    """Refuse values outside the input's declared range, and a mask that is not 0/1 or has
+    no real position."""
+    if input_spec.mask:
+        if not np.isin(array, (0, 1)).all():
+            raise TensorMismatch(f"tensor {input_spec.name} is a mask: expected only 0 and 1")
+        if not array.any():
+            raise TensorMismatch(
+                f"tensor {input_spec.name} is all 0: expected at least one real position (1)"
+            )
+    if input_spec.value_range is not None and array.size:
+        low, high = input_spec.value_range
+        if array.min() < low or array.max() > high:
+            raise TensorMismatch(
+                f"tensor {input_spec.name} holds values outside {low:g} to {high:g} "
+                f"(got {array.min():g} to {array.max():g})"
+            )
 
 
 def _check_shape(

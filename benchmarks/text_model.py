@@ -41,6 +41,7 @@ from bales_stream.tensors import bucket_of
 from tools.make_demo_models import corpus_files
 
 from .fault_harness import wait_ready
+from .faults import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_ID = "text_embed_demo"
@@ -95,8 +96,10 @@ def batches(items: list[str], max_batch_size: int, bucketing: bool = True) -> li
     ]
 
 
-def loop_rate(model: LoadedModel, items: list[str], pool: int, intra: int, size: int) -> float:
-    """Texts per second of the tight loop."""
+def loop_rate(
+    model: LoadedModel, items: list[str], pool: int, intra: int, size: int
+) -> tuple[float, float]:
+    """(texts per second, CPU microseconds per text) of the tight loop."""
 
     def run(batch: list[str]) -> None:
         use_threads(intra)
@@ -105,15 +108,39 @@ def loop_rate(model: LoadedModel, items: list[str], pool: int, intra: int, size:
     work = batches(items, size)
     with ThreadPoolExecutor(pool) as executor:
         list(executor.map(run, work[:pool]))  # warm each thread
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds(os.getpid())
         list(executor.map(run, work))
-        return len(items) / (time.perf_counter() - started)
+        elapsed_s = time.perf_counter() - started
+        cpu_us = (cpu_seconds(os.getpid()) - cpu_started) * 1e6 / len(items)
+        return len(items) / elapsed_s, cpu_us
+
+
+@dataclass
+class ServiceRun:
+    """One consumer process given every text at once."""
+
+    rate: float
+    """Texts per second."""
+    waste: float
+    """Padded input values per real one."""
+    consumer_us: float
+    """Consumer CPU per text (all its threads), microseconds."""
+    redis_us: float
+    """redis-server CPU per text, microseconds."""
+    batch: float
+    """Mean requests per model call."""
 
 
 async def service_rate(
-    redis_url: str, items: list[str], pool: int, intra: int, size: int, bucketing: bool = True
-) -> tuple[float, float]:
-    """(texts per second, padding waste) of one consumer process given every text at once."""
+    server: RedisServer,
+    items: list[str],
+    pool: int,
+    intra: int,
+    size: int,
+    bucketing: bool = True,
+) -> ServiceRun:
+    """Run one consumer process with these settings over every text at once."""
+    redis_url = server.url
     prefix = f"tm{uuid.uuid4().hex[:8]}"
     port = free_port()
     with tempfile.TemporaryDirectory() as directory:
@@ -137,12 +164,18 @@ async def service_rate(
         )
         try:
             await wait_ready(port, timeout_s=120)
+            cpu_before = (cpu_seconds(process.pid), cpu_seconds(server.process.pid))
             elapsed_s = await _drive(redis_url, KeySpace(prefix), items)
-            waste = await _waste(port)
+            consumer_s = cpu_seconds(process.pid) - cpu_before[0]
+            redis_s = cpu_seconds(server.process.pid) - cpu_before[1]
+            waste, batch = await _scrape(port)
         finally:
             process.terminate()
             await process.wait()
-    return len(items) / elapsed_s, waste
+    per_text_us = 1e6 / len(items)
+    return ServiceRun(
+        len(items) / elapsed_s, waste, consumer_s * per_text_us, redis_s * per_text_us, batch
+    )
 
 
 def _entry(bucketing: bool, size: int) -> str:
@@ -179,18 +212,24 @@ async def _drive(redis_url: str, keys: KeySpace, items: list[str]) -> float:
         return time.perf_counter() - started
 
 
-async def _waste(port: int) -> float:
+async def _scrape(port: int) -> tuple[float, float]:
+    """(padding waste, mean batch size) from the consumer's metrics."""
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{port}/metrics") as response,
     ):
         body = await response.text()
-    values = {}
-    for kind in ("real", "padding"):
-        pattern = rf'bales_input_elements_total{{kind="{kind}",model_id="{MODEL_ID}"}} (\S+)'
-        found = re.search(pattern, body)
-        values[kind] = float(found.group(1)) if found else 0.0
-    return values["padding"] / values["real"] if values["real"] else 0.0
+
+    def value(pattern: str) -> float:
+        found = re.search(pattern + r" (\S+)", body)
+        return float(found.group(1)) if found else 0.0
+
+    real, padding = (
+        value(rf'bales_input_elements_total{{kind="{kind}",model_id="{MODEL_ID}"}}')
+        for kind in ("real", "padding")
+    )
+    batches = value("bales_batch_size_count")
+    return padding / real if real else 0.0, value("bales_batch_size_sum") / (batches or 1)
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -199,19 +238,30 @@ async def main_async(args: argparse.Namespace) -> None:
     server = RedisServer().start()
     try:
         print(f"{args.requests} texts, MAX_BATCH_SIZE {args.batch}, {args.runs} runs per setting")
-        print("| THREAD_POOL_SIZE | INTRA_OP_THREADS | loop texts/s | service texts/s | ratio |")
-        print("|---|---|---|---|---|")
+        print(
+            "| THREAD_POOL_SIZE | INTRA_OP_THREADS | loop texts/s | service texts/s | ratio "
+            "| loop CPU µs/text | consumer CPU µs/text | redis CPU µs/text | service batch |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
         for pool, intra in SETTINGS:
-            loops, services = [], []
+            loops, runs = [], []
             for _ in range(args.runs):
                 loops.append(loop_rate(model, items, pool, intra, args.batch))
-                rate, _ = await service_rate(server.url, items, pool, intra, args.batch)
-                services.append(rate)
-            loop, service = statistics.median(loops), statistics.median(services)
-            print(f"| {pool} | {intra} | {loop:,.0f} | {service:,.0f} | {service / loop:.2f}x |")
+                runs.append(await service_rate(server, items, pool, intra, args.batch))
+            loop = statistics.median(r for r, _ in loops)
+            service = statistics.median(r.rate for r in runs)
+            print(
+                f"| {pool} | {intra} | {loop:,.0f} | {service:,.0f} | {service / loop:.2f}x "
+                f"| {statistics.median(c for _, c in loops):.0f} "
+                f"| {statistics.median(r.consumer_us for r in runs):.0f} "
+                f"| {statistics.median(r.redis_us for r in runs):.0f} "
+                f"| {statistics.median(r.batch for r in runs):.1f} |"
+            )
         for bucketing in (True, False):
-            _, waste = await service_rate(server.url, items, 2, 1, args.batch, bucketing)
-            print(f"padding waste with bucketing={bucketing}: {waste:.2f} padded per real value")
+            run = await service_rate(server, items, 2, 1, args.batch, bucketing)
+            print(
+                f"padding waste with bucketing={bucketing}: {run.waste:.2f} padded per real value"
+            )
     finally:
         server.stop()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import load
+from benchmarks import load, text_model
 
 
 async def test_open_loop_load_split_over_producer_processes_is_merged(redis_url, prefix) -> None:
@@ -22,3 +22,16 @@ async def test_open_loop_load_split_over_producer_processes_is_merged(redis_url,
     assert sorted(result["latency_curve_ms"]) == ["0", "1", "2"]
     assert result["cpu_us_per_request"]["producer"] > 0
     assert result["latency_ms_all"]["p50"] > 0
+
+
+async def test_the_text_model_benchmark_runs_the_loop_and_the_service_on_the_same_texts(
+    redis_server,
+) -> None:
+    items = text_model.texts(40)
+    model = text_model.load()
+    loop_per_s, loop_cpu_us = text_model.loop_rate(model, items, pool=2, intra=1, size=8)
+    run = await text_model.service_rate(redis_server, items, pool=2, intra=1, size=8)
+    assert loop_per_s > 0 and loop_cpu_us > 0
+    assert run.rate > 0 and run.consumer_us > 0 and run.redis_us > 0  # every reply came back
+    assert 1 <= run.batch <= 8 and run.waste >= 0
+    assert sum(len(b) for b in text_model.batches(items, 8)) == len(items)

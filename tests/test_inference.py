@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -73,3 +74,17 @@ def test_a_half_whose_sibling_succeeded_is_split_without_running_it_whole() -> N
     # plain halving runs both halves at each of the 5 levels: 11 calls for every position
     assert max(calls) == 11
     assert sum(calls) / len(calls) == 9
+
+
+def test_an_expired_retry_says_an_earlier_delivery_went_unanswered() -> None:
+    from bales_stream.replies import expired_completion
+
+    [request] = requests_with_poison_at(set(), count=1)
+    fresh = json.loads(expired_completion(request, now_ms=10**15 + 5).document)
+    request.retried = True
+    retry = json.loads(expired_completion(request, now_ms=10**15 + 5).document)
+    assert "earlier delivery" not in fresh["error"]["message"]
+    assert (
+        "an earlier delivery was not answered: the model raised on it"
+        in (retry["error"]["message"])
+    )

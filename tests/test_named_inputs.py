@@ -284,3 +284,15 @@ async def test_the_clients_send_named_arrays_and_text_and_decode_binary_replies(
     assert np.abs(np.array(as_json["result"]["hidden"]) - hidden).max() <= 1e-5
     assert isinstance(text["result"]["embedding"], np.ndarray)
     assert text["result"]["embedding"].shape == (8,)
+
+
+def test_texts_are_cut_before_tokenising_and_token_ids_bounded_by_the_vocabulary(
+    tiny_weights: Path,
+) -> None:
+    config = load_models_file(tiny_weights / "models.toml")[1]
+    model = load_model(config, tiny_weights / "tiny.safetensors", None, tiny_weights / "words.json")
+    assert model.text is not None
+    [huge] = model.text.encode(["w1 " + "x" * 10_000_000])  # cut, not read to the end
+    assert huge["input_ids"].tolist() == [2, 5, 1, 3]  # [CLS] w1 [UNK] [SEP]
+    ids = next(s for s in model.spec.inputs if s.name == "input_ids")
+    assert ids.value_range == (0, len(WORDS) - 1)

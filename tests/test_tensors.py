@@ -159,7 +159,9 @@ def test_a_json_array_is_refused_for_a_model_with_several_inputs() -> None:
 
 def test_far_too_many_json_values_are_refused_before_decoding() -> None:
     raw = b'{"input_ids": [' + b"1," * 100 + b"1]}"
-    assert "more values than enc takes" in refused(raw, "json", TEXTLIKE)
+    assert "more than enc takes (34 values at most in a JSON object" in refused(
+        raw, "json", TEXTLIKE
+    )
 
 
 def test_text_and_f32_are_refused_for_models_that_do_not_take_them() -> None:
@@ -206,3 +208,38 @@ def test_a_safetensors_request_to_a_single_input_model_is_checked_like_json() ->
     assert decode_inputs(good, "safetensors", LEGACY).tensors["input"].tolist() == [1.0] * 4
     wrong = safetensors.numpy.save({"input": np.ones(5, np.float32)})
     assert "tensor input has shape [5]" in refused(wrong, "safetensors", LEGACY)
+
+
+MASKED = ModelSpec(
+    "masked",
+    "tensor",
+    inputs=(
+        TensorSpec("input_ids", "int64", ("seq",), value_range=(0, 99)),
+        TensorSpec("attention_mask", "int64", ("seq",), mask=True),
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("document", "words"),
+    [
+        ({"input_ids": [1, 2], "attention_mask": [0, 0]}, "attention_mask is all 0"),
+        ({"input_ids": [1, 2], "attention_mask": [1, 2]}, "is a mask: expected only 0 and 1"),
+        ({"input_ids": [1, 100], "attention_mask": [1, 1]}, "outside 0 to 99 (got 1 to 100)"),
+        ({"input_ids": [-1, 5], "attention_mask": [1, 1]}, "outside 0 to 99 (got -1 to 5)"),
+    ],
+)
+def test_masks_and_value_ranges_are_checked(document: dict, words: str) -> None:
+    """A mask with no real position would get a result that depends on its batch's padding;
+    a token id beyond the vocabulary would make the model raise."""
+    assert words in refused(orjson.dumps(document), "json", MASKED)
+    safetensors_document = safetensors.numpy.save({k: np.array(v) for k, v in document.items()})
+    assert words in refused(safetensors_document, "safetensors", MASKED)
+
+
+def test_bfloat16_json_values_beyond_its_range_are_refused_not_computed() -> None:
+    assert decode_inputs(b'{"on": [1, 0, 1], "x": [3.3e38, 1]}', "json", FLAGS)
+    assert "beyond bfloat16 range" in refused(b'{"on": [1, 0, 1], "x": [3.4e38, 1]}', "json", FLAGS)
+    assert decode_inputs(b'{"on": [1, 0, 1], "x": [1.00390625, 1]}', "json", FLAGS).tensors[
+        "x"
+    ].tolist() == [1.0, 1.0]  # rounded to the nearest bfloat16, as the model gets it
