@@ -10,7 +10,12 @@ from the first XADD to the last reply. Loop and service alternate, ``--runs`` ti
 thread setting; the ratio is of medians. Padding waste (padded / real input values) comes
 from the consumer's ``bales_input_elements_total``, with and without length buckets.
 
-Run: ``python -m benchmarks.text_model --requests 2000 --runs 3``.
+With ``--hidden H --layers L`` the same runs use a heavier encoder of the same family (a
+random-weight BERT of that size, exported here the way ``tools.make_demo_models`` exports the
+demo, with the demo's tokenizer): how the thread settings behave when the model dominates.
+
+Run: ``python -m benchmarks.text_model --requests 2000 --runs 3`` (add ``--hidden 256
+--layers 4`` for the heavier model).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import os
 import random
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import aiohttp
 import redis.asyncio as aioredis
+import torch
 from bales_producer import KeySpace
 
 from bales_stream.embedded_redis import RedisServer, free_port
@@ -69,18 +76,34 @@ def texts(count: int, seed: int = 0) -> list[str]:
     return [rng.choice(sentences) for _ in range(count)]
 
 
-def config() -> ModelConfig:
-    """The demo model's entry of the shipped models file."""
-    configs = load_models_file(ROOT / "weights" / "models.toml")
-    return next(c for c in configs if c.model_id == MODEL_ID)
+def config(models_file: Path) -> ModelConfig:
+    """The benchmarked model's entry of a models file."""
+    return next(c for c in load_models_file(models_file) if c.model_id == MODEL_ID)
 
 
-def load() -> LoadedModel:
+def load(weights: Path = ROOT / "weights") -> LoadedModel:
     """The model, loaded as a consumer loads it."""
-    cfg = config()
+    cfg = config(weights / "models.toml")
     assert cfg.tokenizer is not None
-    weights = ROOT / "weights"
     return load_model(cfg, weights / cfg.file, None, weights / cfg.tokenizer.file)
+
+
+def heavier_model(directory: Path, hidden: int, layers: int) -> Path:
+    """A WEIGHTS_DIR holding a random-weight encoder of ``hidden`` x ``layers`` (the demo's
+    family and tokenizer) under the demo's name, with its models file; returns it."""
+    from tools import make_demo_models as demo
+
+    cfg = demo.load_bert_config(ROOT / "weights" / demo.CONFIG_FILE)
+    cfg.hidden_size, cfg.num_hidden_layers = hidden, layers
+    cfg.num_attention_heads, cfg.intermediate_size = max(1, hidden // 64), 4 * hidden
+    torch.manual_seed(0)
+    program = demo.export_text_model(demo.TextEmbedder(cfg))
+    torch.export.save(program, directory / demo.EMBED_FILE)
+    shutil.copy(ROOT / "weights" / demo.TOKENIZER_FILE, directory / demo.TOKENIZER_FILE)
+    entry = _entry_of(ROOT / "weights" / "models.toml")
+    entry = re.sub(r'sha256 = "[0-9a-f]+"\n', "", entry).replace("64] }]", f"{hidden}] }}]")
+    (directory / "models.toml").write_text(entry)
+    return directory
 
 
 def batches(items: list[str], max_batch_size: int, bucketing: bool = True) -> list[list[str]]:
@@ -138,6 +161,7 @@ async def service_rate(
     intra: int,
     size: int,
     bucketing: bool = True,
+    weights: Path = ROOT / "weights",
 ) -> ServiceRun:
     """Run one consumer process with these settings over every text at once."""
     redis_url = server.url
@@ -145,7 +169,7 @@ async def service_rate(
     port = free_port()
     with tempfile.TemporaryDirectory() as directory:
         models = Path(directory) / "models.toml"
-        models.write_text(_entry(bucketing, size))
+        models.write_text(_entry(weights / "models.toml", bucketing, size))
         env = {
             **os.environ,
             "REDIS_URL": redis_url,
@@ -153,7 +177,7 @@ async def service_rate(
             "PORT": str(port),
             "LOG_LEVEL": "warning",
             "MODELS_CONFIG": str(models),
-            "WEIGHTS_DIR": str(ROOT / "weights"),
+            "WEIGHTS_DIR": str(weights),
             "THREAD_POOL_SIZE": str(pool),
             "INTRA_OP_THREADS": str(intra),
             "MAX_BATCH_SIZE": str(size),
@@ -178,12 +202,17 @@ async def service_rate(
     )
 
 
-def _entry(bucketing: bool, size: int) -> str:
-    text = (ROOT / "weights" / "models.toml").read_text()
+def _entry_of(models_file: Path) -> str:
+    """The benchmarked model's ``[[models]]`` block of a models file, as text."""
+    text = models_file.read_text()
     start = text.index(f'model_id = "{MODEL_ID}"')
     block = text[text.rindex("[[models]]", 0, start) :]
     following = block.find("[[models]]", 1)
-    block = block if following < 0 else block[:following]
+    return block if following < 0 else block[:following]
+
+
+def _entry(models_file: Path, bucketing: bool, size: int) -> str:
+    block = _entry_of(models_file)
     return f"{block}\nbucketing = {str(bucketing).lower()}\nmax_batch_size = {size}\n"
 
 
@@ -233,11 +262,24 @@ async def _scrape(port: int) -> tuple[float, float]:
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        weights = ROOT / "weights"
+        if args.hidden:
+            weights = heavier_model(Path(directory), args.hidden, args.layers)
+        await measure(args, weights)
+
+
+async def measure(args: argparse.Namespace, weights: Path) -> None:
+    """Print the table: loop and service per thread setting, then the padding waste."""
     items = texts(args.requests)
-    model = load()
+    model = load(weights)
     server = RedisServer().start()
     try:
-        print(f"{args.requests} texts, MAX_BATCH_SIZE {args.batch}, {args.runs} runs per setting")
+        size = f"hidden {args.hidden}, {args.layers} layers" if args.hidden else "the demo"
+        print(
+            f"{args.requests} texts, {MODEL_ID} ({size}), MAX_BATCH_SIZE {args.batch}, "
+            f"{args.runs} runs per setting"
+        )
         print(
             "| THREAD_POOL_SIZE | INTRA_OP_THREADS | loop texts/s | service texts/s | ratio "
             "| loop CPU µs/text | consumer CPU µs/text | redis CPU µs/text | service batch |"
@@ -247,7 +289,9 @@ async def main_async(args: argparse.Namespace) -> None:
             loops, runs = [], []
             for _ in range(args.runs):
                 loops.append(loop_rate(model, items, pool, intra, args.batch))
-                runs.append(await service_rate(server, items, pool, intra, args.batch))
+                runs.append(
+                    await service_rate(server, items, pool, intra, args.batch, True, weights)
+                )
             loop = statistics.median(r for r, _ in loops)
             service = statistics.median(r.rate for r in runs)
             print(
@@ -258,7 +302,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"| {statistics.median(r.batch for r in runs):.1f} |"
             )
         for bucketing in (True, False):
-            run = await service_rate(server, items, 2, 1, args.batch, bucketing)
+            run = await service_rate(server, items, 2, 1, args.batch, bucketing, weights)
             print(
                 f"padding waste with bucketing={bucketing}: {run.waste:.2f} padded per real value"
             )
@@ -271,6 +315,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="MAX_BATCH_SIZE")
+    parser.add_argument("--hidden", type=int, default=0, help="a heavier encoder: hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="... and its layer count")
     asyncio.run(main_async(parser.parse_args()))
 
 
