@@ -47,7 +47,7 @@ _WIRE_DTYPES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Inputs:
     """One request's decoded input: named arrays, or text for the model's tokenizer."""
 
@@ -104,7 +104,7 @@ def _expected(spec: ModelSpec) -> str:
 
 def _f32_array(raw: bytes, spec: ModelSpec) -> np.ndarray:
     only = spec.inputs[0]
-    if len(spec.inputs) != 1 or only.dtype != "float32" or only.variable:
+    if not spec.single_float32:
         raise invalid(
             f"encoding f32 is for a model with one fixed-shape float32 input; {spec.model_id} "
             f"expects {_expected(spec)} (use json or safetensors)"

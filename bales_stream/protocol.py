@@ -39,6 +39,9 @@ KNOWN_FIELDS = frozenset(
     )
 )
 
+_KEYS = {name: name.encode() for name in (n.decode() for n in KNOWN_FIELDS)}
+"""Each field's name as the bytes key of an entry's fields (encoded once, not per lookup)."""
+
 ModelLookup = Callable[[str], ModelSpec | None]
 
 
@@ -70,12 +73,13 @@ class Request:
     text: str | None = None
     """The text of an ``encoding=text`` request, tokenised with its batch."""
     reply_encoding: str = wire.ENCODING_JSON
-    batch_key: str = ""
-    """Requests with the same key may share a batch: the model, and its length bucket."""
+    bucket: int = 0
+    """Its length bucket (0: its model has no variable dimension, or does not bucket)."""
 
-    def __post_init__(self) -> None:
-        if not self.batch_key:
-            self.batch_key = self.model_id
+    @property
+    def batch_key(self) -> str:
+        """Requests with the same key may share a batch: the model, and its length bucket."""
+        return f"{self.model_id}#{self.bucket}" if self.bucket else self.model_id
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ def entry_time_ms(entry_id: str) -> int:
 
 
 def _text(fields: dict[bytes, bytes], name: str) -> str | None:
-    raw = fields.get(name.encode())
+    raw = fields.get(_KEYS[name])
     if raw is None:
         return None
     try:
@@ -115,9 +119,9 @@ def read_envelope(
 ) -> Envelope:
     """Find where to answer an entry, or raise ``Unanswerable`` (dead-letter it).
     ``withheld``: fields too large to be read, name -> size in bytes (see ``scripts``)."""
-    raw_id = (fields or {}).get(wire.FIELD_REQUEST_ID.encode())
+    raw_id = (fields or {}).get(_KEYS[wire.FIELD_REQUEST_ID])
     if raw_id is None:
-        size = (withheld or {}).get(wire.FIELD_REQUEST_ID.encode())
+        size = (withheld or {}).get(_KEYS[wire.FIELD_REQUEST_ID])
         if size is not None:
             raise Unanswerable(
                 f"field request_id ({size} bytes) was not read: it holds 1-128 chars, and only "
@@ -132,8 +136,8 @@ def read_envelope(
             f"request_id {request_id[:140]!r} is invalid: expected 1-128 chars of [A-Za-z0-9._:-]"
         )
     assert fields is not None
-    model_id = fields.get(wire.FIELD_MODEL_ID.encode(), b"").decode("utf-8", "replace")
-    reply_to = fields.get(wire.FIELD_REPLY_TO.encode(), b"").decode("utf-8", "replace") or None
+    model_id = fields.get(_KEYS[wire.FIELD_MODEL_ID], b"").decode("utf-8", "replace")
+    reply_to = fields.get(_KEYS[wire.FIELD_REPLY_TO], b"").decode("utf-8", "replace") or None
     if reply_to is not None and not keys.is_valid_inbox(reply_to):
         reply_to = None  # never write outside our key space; the reply key still gets it
     return Envelope(priority, entry_id, request_id, model_id[:200], reply_to, shard)
@@ -154,7 +158,7 @@ def decode_request(
     cannot make a request wait negative time or outlive its deadline."""
     if withheld:
         _refuse_withheld(withheld, limits)
-    if fields.get(wire.FIELD_REPLY_TO.encode()) and envelope.reply_to is None:
+    if fields.get(_KEYS[wire.FIELD_REPLY_TO]) and envelope.reply_to is None:
         raise invalid("field reply_to must name an inbox key '<prefix>:inbox:<name>'")
     spec = _model_spec(envelope.model_id, fields, lookup)
     enqueued_ms = min(entry_time_ms(envelope.entry_id), int(now_ms))
@@ -174,7 +178,7 @@ def decode_request(
         shard=envelope.shard,
         text=inputs.text,
         reply_encoding=reply_encoding,
-        batch_key=f"{spec.model_id}#{inputs.bucket}" if inputs.bucket else spec.model_id,
+        bucket=inputs.bucket,
     )
 
 
@@ -182,9 +186,9 @@ def _refuse_withheld(withheld: dict[bytes, int], limits: Limits) -> None:
     """Refuse a request one of whose known fields was too large (or beyond the field
     count) to be read; withheld unknown fields are ignored, like every unknown field."""
     for name, size in withheld.items():
-        if name == wire.FIELD_INPUT.encode():
+        if name == _KEYS[wire.FIELD_INPUT]:
             raise invalid(f"input has {size} bytes; the limit is {limits.max_input_bytes}")
-        if name in KNOWN_FIELDS and name != wire.FIELD_TRACEPARENT.encode():  # that one: ignored
+        if name in KNOWN_FIELDS and name != _KEYS[wire.FIELD_TRACEPARENT]:  # that one: ignored
             raise invalid(
                 f"field {name.decode()} has {size} bytes and was not read: fields other than "
                 f"input hold at most {MAX_FIELD_BYTES} bytes, and an entry at most "
@@ -198,7 +202,7 @@ TRACEPARENT = re.compile(r"^[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{
 
 def _traceparent(fields: dict[bytes, bytes]) -> str | None:
     """The entry's W3C traceparent, or None when absent or invalid (ignored, per W3C)."""
-    raw = fields.get(wire.FIELD_TRACEPARENT.encode())
+    raw = fields.get(_KEYS[wire.FIELD_TRACEPARENT])
     if raw is None or len(raw) != 55:
         return None
     text = raw.decode("ascii", "replace")
@@ -232,7 +236,7 @@ def _timeout_ms(fields: dict[bytes, bytes], limits: Limits) -> int:
 
 
 def _inputs(fields: dict[bytes, bytes], spec: ModelSpec, limits: Limits) -> Inputs:
-    raw = fields.get(wire.FIELD_INPUT.encode())
+    raw = fields.get(_KEYS[wire.FIELD_INPUT])
     if raw is None:
         what = f"{spec.input_size} numbers" if not spec.named else "the model's input tensors"
         raise invalid(f"missing field input: expected {what}")

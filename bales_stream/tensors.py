@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ class TensorSpec:
         """True when a dimension of this input varies from request to request."""
         return any(isinstance(d, str) for d in self.shape)
 
-    @property
+    @cached_property
     def storage(self) -> np.dtype:
         """The numpy dtype a request's array of this input has."""
         return DTYPES[self.dtype][0]
@@ -101,7 +102,7 @@ class ModelSpec:
             only = TensorSpec(DEFAULT_INPUT, "float32", tuple(self.input_shape))
             object.__setattr__(self, "inputs", (only,))
 
-    @property
+    @cached_property
     def input_size(self) -> int:
         """Number of values in one input (the single fixed-shape input; else 0)."""
         return math.prod(self.input_shape) if self.input_shape else 0
@@ -111,7 +112,13 @@ class ModelSpec:
         """True for a model that declares its inputs (not one float32 ``input_shape``)."""
         return not self.input_shape
 
-    @property
+    @cached_property
+    def single_float32(self) -> bool:
+        """True when the model takes one fixed-shape float32 input (``encoding=f32``)."""
+        only = self.inputs[0]
+        return len(self.inputs) == 1 and only.dtype == "float32" and not only.variable
+
+    @cached_property
     def input_names(self) -> frozenset[str]:
         """The declared inputs' names."""
         return frozenset(spec.name for spec in self.inputs)
