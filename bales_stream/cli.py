@@ -48,9 +48,13 @@ def _client(settings: Settings) -> Any:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run the service until SIGTERM/SIGINT."""
-    from .service import run_service
+    from .service import EventLoopUnavailable, serve
 
-    return asyncio.run(run_service(settings, demo=args.demo))
+    try:
+        return serve(settings, demo=args.demo)
+    except EventLoopUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -58,6 +58,33 @@ def connect(url: str, *, cluster: bool = False) -> Any:
     if cluster or is_cluster_url(url):
         return RedisCluster.from_url(plain_url(url), **options)
     return aioredis.Redis.from_url(url, **options)
+
+
+class EventLoopUnavailable(RuntimeError):
+    """``EVENT_LOOP=uvloop`` where uvloop is not installed."""
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``EVENT_LOOP`` asks for: uvloop's (``auto``: when it is installed), or
+    None for asyncio's own; ``EventLoopUnavailable`` for ``uvloop`` without uvloop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise EventLoopUnavailable(
+                "EVENT_LOOP=uvloop, but uvloop is not installed (pip install uvloop, or "
+                "EVENT_LOOP=auto)"
+            ) from None
+        return None
+    return uvloop.new_event_loop
+
+
+def serve(settings: Settings, *, demo: bool = False) -> int:
+    """Run the service on the event loop the settings choose; its exit status."""
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        return runner.run(run_service(settings, demo=demo))
 
 
 EXIT_TASK_FAILED = 3

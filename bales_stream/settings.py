@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     default_model_id: str = Field("stub_v1", min_length=1)
     thread_pool_size: int = Field(4, ge=1, le=256)
     intra_op_threads: int = Field(1, ge=1, le=256)
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The service's event loop: uvloop where it is installed (``auto``), or either one."""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"

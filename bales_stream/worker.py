@@ -234,6 +234,7 @@ class Worker:
                 "reachable": queues is not None,
                 "last_error": self.status.last_error,
             },
+            "event_loop": _loop_name(),
             "models": {
                 model_id: {
                     "version": model.version,
@@ -424,3 +425,8 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the event loop this worker runs on."""
+    return "uvloop" if "uvloop" in type(asyncio.get_running_loop()).__module__ else "asyncio"

@@ -132,6 +132,30 @@ async def test_the_consumer_process_starts_serves_and_stops(
     assert process.returncode == 0
 
 
+@pytest.mark.parametrize(("choice", "expected"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+async def test_the_process_runs_on_the_event_loop_the_setting_chooses(
+    redis_url, prefix, choice, expected
+) -> None:
+    pytest.importorskip("uvloop")  # a dependency on Linux
+    port = free_port()
+    env = service_env(redis_url, prefix, PORT=str(port), EVENT_LOOP=choice)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bales_stream", "serve", cwd=ROOT, env=env
+    )
+    try:
+        await wait_for(lambda: is_ready(port), timeout_s=60)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/health") as response,
+        ):
+            assert (await response.json())["event_loop"] == expected
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+
+
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bales_stream", *args],
@@ -268,3 +292,12 @@ async def test_info_watch_refreshes_until_interrupted(redis_url, prefix) -> None
     process.send_signal(signal.SIGINT)
     async with asyncio.timeout(30):
         assert await process.wait() == 0
+
+
+def test_uvloop_asked_for_but_missing_is_a_clear_startup_error(monkeypatch) -> None:
+    from bales_stream.service import EventLoopUnavailable, loop_factory
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert loop_factory("auto") is None  # asyncio's own loop
+    with pytest.raises(EventLoopUnavailable, match="EVENT_LOOP=uvloop, but uvloop is not"):
+        loop_factory("uvloop")

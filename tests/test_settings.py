@@ -23,6 +23,7 @@ SEED_DEFAULTS = {
     "default_model_id": "stub_v1",
     "thread_pool_size": 4,
     "intra_op_threads": 1,
+    "event_loop": "auto",
     "port": 8000,
     "log_level": "info",
     "enable_prometheus": True,
