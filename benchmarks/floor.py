@@ -23,8 +23,8 @@ when both run on one host.
 
 Run: ``OPENBLAS_NUM_THREADS=1 python -m benchmarks.floor --redis-url
 redis://127.0.0.1:6390/0 --prefix bales`` (until SIGTERM). One BLAS thread, as bales-stream
-runs torch with one: the matmul is too small to gain from more, and idle BLAS threads spin,
-which more than tripled the floor's CPU per request in a trial run.
+runs torch with one: the matmul is too small to gain from more, and idle BLAS threads spin
+(they burn CPU the table would charge to the floor).
 """
 
 from __future__ import annotations
