@@ -57,6 +57,7 @@ bench: install redis  ## the benchmark set of the README's Performance table (ab
 	$(BIN)/python -m benchmarks.load --mode open --rate 2000 --out benchmarks/results/load-open-2000
 	$(BIN)/python -m benchmarks.priority --runs 3
 	$(BIN)/python -m benchmarks.peers --runs 3
+	$(BIN)/python -m benchmarks.vs_floor --rounds 3
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis $(NODE_EXAMPLE)/node_modules
