@@ -218,7 +218,7 @@ def main() -> None:
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--prefix", default="bales", help="KEY_PREFIX (default bales)")
     parser.add_argument("--consumer-name", default="floor")
-    parser.add_argument("--count", type=int, default=512, help="XREADGROUP COUNT per stream")
+    parser.add_argument("--count", type=int, default=256, help="XREADGROUP COUNT per stream")
     parser.add_argument("--block-ms", type=int, default=500, help="XREADGROUP BLOCK")
     asyncio.run(main_async(parser.parse_args()))
 
