@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ class BatchRun:
     real_elements: int = 0
     padded_elements: int = 0
     """Input values of the answered calls, and those added by padding."""
+    thread_started_s: float = 0.0
+    """``time.monotonic()`` when a pool thread took the batch up."""
+    model_s: float = 0.0
+    """Time in the pool thread: inputs, the model call(s) and the model type."""
 
 
 def predict_requests(model: LoadedModel, requests: Sequence[Request]) -> BatchRun:
@@ -65,9 +70,10 @@ def predict_requests(model: LoadedModel, requests: Sequence[Request]) -> BatchRu
     32 takes 9 model calls on average, not 11). The splitting stays in this thread: one
     hand-off from the event loop per batch, not one per split (measured: the poison
     scenario of ``benchmarks.faults``)."""
-    run = BatchRun()
+    run = BatchRun(thread_started_s=time.monotonic())
     use_threads(model.threads)
     _predict_or_split(model, requests, run, known_to_fail=False)
+    run.model_s = time.monotonic() - run.thread_started_s
     return run
 
 

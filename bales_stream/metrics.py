@@ -23,7 +23,26 @@ LATENCY_BUCKETS_S = (
     2.5,
     5.0,
 )
+STAGE_BUCKETS_S = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+    5.0,
+)
+"""Finer at the bottom than the latency buckets: most stages take well under a millisecond."""
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+STAGES = ("redis", "memory", "executor_queue", "model", "handback", "completion")
+"""The stages of ``bales_stage_seconds``."""
 TASK_KINDS = ("read", "batch", "lease", "reclaim", "trim", "control", "clock")
 """The kinds of supervised task (``bales_task_restarts_total{task}``; see ``supervisor``)."""
 
@@ -151,6 +170,17 @@ class Metrics:
             "Unexpected exceptions on one entry, answered internal or dead-lettered.",
             registry=self.registry,
         )
+        self.stage = Histogram(
+            "bales_stage_seconds",
+            "Where a request's time goes, by stage: redis (enqueue to read), memory (read to "
+            "its batch's start), executor_queue (batch start to a pool thread taking it), "
+            "model (in the pool thread), handback (pool thread to the event loop), completion "
+            "(the replies-and-ack round trip). redis and memory per request, the rest per batch.",
+            ["stage"],
+            buckets=STAGE_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._stages = {name: self.stage.labels(name) for name in STAGES}
         self.input_elements = Counter(
             "bales_input_elements",
             "Input values given to the model, by model and kind: real (the requests' own) or "
@@ -170,10 +200,18 @@ class Metrics:
         )
 
     def observe_request(
-        self, priority: int, *, latency_s: float, queued_s: float, inference_s: float
+        self,
+        priority: int,
+        *,
+        latency_s: float,
+        queued_s: float,
+        inference_s: float,
+        in_redis_s: float,
+        in_memory_s: float,
     ) -> None:
-        """Record one computed request's latency, queue wait and inference time (the
-        per-priority children are looked up once: ``labels()`` costs more than ``observe``)."""
+        """Record one computed request's latency, queue wait, inference time and its two
+        waits (in Redis, then in memory before its batch started); the per-priority children
+        are looked up once: ``labels()`` costs more than ``observe``."""
         children = self._per_priority.get(priority)
         if children is None:
             label = str(priority)
@@ -187,6 +225,14 @@ class Metrics:
         latency.observe(latency_s)
         queue_wait.observe(queued_s)
         inference.observe(inference_s)
+        self._stages["redis"].observe(in_redis_s)
+        self._stages["memory"].observe(in_memory_s)
+
+    def observe_stages(self, **seconds: float) -> None:
+        """Record a batch's per-batch stages (``executor_queue``, ``model``, ``handback``,
+        ``completion``), by name."""
+        for name, value in seconds.items():
+            self._stages[name].observe(max(0.0, value))
 
     def count(self, model_label: str, status: str, n: int = 1) -> None:
         """Count ``n`` answered requests (``model_label`` must be a served model or a fixed

@@ -10,6 +10,7 @@ still answered, and each culprit is left pending (no reply, no ack), so it is re
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,11 +78,17 @@ class BatchProcessor:
     async def _compute(
         self, model: LoadedModel, requests: list[Request], started_ms: float, outcome: Outcome
     ) -> None:
-        call_ms = self.now_ms()
+        call_ms, call_s = self.now_ms(), time.monotonic()
         with batch_span(model.model_id, requests):
             run = await self.executor.run(predict_requests, model, requests)
         done_ms = self.now_ms()
         inference_s = (done_ms - call_ms) / 1000
+        queued_s = run.thread_started_s - call_s
+        self.metrics.observe_stages(
+            executor_queue=queued_s,
+            model=run.model_s,
+            handback=time.monotonic() - call_s - queued_s - run.model_s,
+        )
         for group, results in run.answered:
             self._answer(model, group, results, (started_ms, done_ms, inference_s), outcome)
         if run.model_failures:
@@ -130,6 +137,8 @@ class BatchProcessor:
                 latency_s=latency_ms / 1000,
                 queued_s=queued_ms / 1000,
                 inference_s=inference_s,
+                in_redis_s=max(0.0, request.read_ms - request.enqueued_ms) / 1000,
+                in_memory_s=max(0.0, started_ms - request.read_ms) / 1000,
             )
             outcome.completions.append(
                 ok_completion(

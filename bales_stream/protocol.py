@@ -75,6 +75,8 @@ class Request:
     reply_encoding: str = wire.ENCODING_JSON
     bucket: int = 0
     """Its length bucket (0: its model has no variable dimension, or does not bucket)."""
+    read_ms: float = 0.0
+    """When a consumer read it (Redis's clock): the end of its wait in Redis."""
 
     @property
     def batch_key(self) -> str:
@@ -179,6 +181,7 @@ def decode_request(
         text=inputs.text,
         reply_encoding=reply_encoding,
         bucket=inputs.bucket,
+        read_ms=now_ms,
     )
 
 

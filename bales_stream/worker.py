@@ -21,6 +21,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import time
 from collections import Counter
 from collections.abc import Coroutine
 from typing import Any
@@ -350,7 +351,9 @@ class Worker:
                 self._slots.release()
                 self.batcher.wake()
             self.admission.release(outcome.failed)  # unleased: reclaimed after CLAIM_IDLE_MS
+            completing_s = time.monotonic()
             await self.completer.complete(outcome.completions)
+            self.metrics.observe_stages(completion=time.monotonic() - completing_s)
         except Exception:  # not the model's fault (that is isolated): leave it to a retry
             log.exception(
                 "batch %d failed; its entries are reclaimed after CLAIM_IDLE_MS", batch_id

@@ -26,8 +26,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 from bales_producer import AsyncClient, BalesError
+from prometheus_client.parser import text_string_to_metric_families
 
 from bales_stream.embedded_redis import LocalCluster, RedisServer, free_port
 
@@ -90,11 +92,49 @@ class Consumers:
     def cpu_s(self) -> float:
         return sum(cpu_seconds(p.pid) for p in self.processes)
 
+    async def stages(self) -> dict[str, dict[str, float]]:
+        """p50 and p99 (ms) of each ``bales_stage_seconds`` stage, over every consumer."""
+        buckets: dict[str, dict[float, float]] = {}
+        async with aiohttp.ClientSession() as session:
+            for port in self.ports:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    text = await response.text()
+                for family in text_string_to_metric_families(text):
+                    if family.name != "bales_stage_seconds":
+                        continue
+                    for sample in family.samples:
+                        if sample.name.endswith("_bucket"):
+                            stage = buckets.setdefault(sample.labels["stage"], {})
+                            bound = float(sample.labels["le"])
+                            stage[bound] = stage.get(bound, 0.0) + sample.value
+        return {
+            name: {"p50": histogram_quantile(0.5, b), "p99": histogram_quantile(0.99, b)}
+            for name, b in buckets.items()
+        }
+
     async def stop(self) -> None:
         for process in self.processes:
             process.send_signal(signal.SIGTERM)
         for process in self.processes:
             await process.wait()
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
+    """The ``q`` quantile (ms) of cumulative histogram buckets (upper bound s -> count), by
+    linear interpolation within the bucket, as Prometheus's ``histogram_quantile``."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if not total:
+        return 0.0
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower * 1000
+            return (lower + (bound - lower) * (rank - below) / max(count - below, 1e-9)) * 1000
+        lower, below = bound, count
+    return lower * 1000
 
 
 async def show_progress(results: Results, duration_s: float, interval_s: float = 1.0) -> None:
@@ -307,6 +347,7 @@ async def run(args: argparse.Namespace) -> dict:
     try:
         drive = run_producers if args.producers > 1 else run_here
         cpu_before, cpu_after, elapsed_s = await drive(args, system, results)
+        stages = await consumers.stages()
     finally:
         await consumers.stop()
         for server in servers:
@@ -333,6 +374,7 @@ async def run(args: argparse.Namespace) -> dict:
             str(p): latency_curve(v) for p, v in results.latencies_ms.items() if v
         },
         "errors": results.errors,
+        "stages_ms": stages,
         "cpu_us_per_request": {
             "producer": cpu_us[0],
             "consumers": cpu_us[1],
@@ -399,6 +441,9 @@ def print_report(result: dict) -> None:
         print(f"  latency ms {name:<4} {cells}")
     cpu = result["cpu_us_per_request"]
     print("  CPU us/request: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v is not None))
+    print("  where the time goes (bales_stage_seconds, ms; the whole run, warm-up included):")
+    for name, stats in result["stages_ms"].items():
+        print(f"    {name:<15} p50 {stats['p50']:8.2f}  p99 {stats['p99']:8.2f}")
 
 
 def start_redis(args: argparse.Namespace) -> list[RedisServer]:

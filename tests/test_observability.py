@@ -106,3 +106,21 @@ async def test_latency_queue_wait_and_inference_are_recorded_per_priority(
     wait_s = registry.get_sample_value("bales_queue_wait_seconds_sum", {"priority": "2"})
     total_s = registry.get_sample_value("bales_request_latency_seconds_sum", {"priority": "2"})
     assert 0 <= wait_s <= total_s
+
+
+async def test_each_stage_of_a_request_is_timed(service, redis_url, prefix) -> None:
+    from bales_producer import AsyncClient
+
+    async with AsyncClient(redis_url, prefix=prefix) as client:
+        replies = [await client.infer("stub_v1", [0.25] * 128) for _ in range(3)]
+    registry = service.worker.metrics.registry
+
+    def stage(name: str, kind: str) -> float:
+        return registry.get_sample_value(f"bales_stage_seconds_{kind}", {"stage": name}) or 0
+
+    assert stage("redis", "count") == stage("memory", "count") == 3  # per request
+    for name in ("executor_queue", "model", "handback", "completion"):
+        assert stage(name, "count") == 3, name  # per batch: one request each here
+    # the parts fit in the whole: the stages before the reply took no longer than it did
+    before_reply_s = sum(stage(n, "sum") for n in ("executor_queue", "model", "handback"))
+    assert 0 < before_reply_s <= sum(r["latency_ms"] for r in replies) / 1000
