@@ -92,8 +92,10 @@ def _text(raw: bytes, spec: ModelSpec) -> Inputs:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise invalid("text input is not valid UTF-8") from None
-    # about 4 bytes of text per token: a cheap length estimate for bucketing
-    return Inputs({}, text, bucket_of(len(raw) // 4 + 2) if spec.bucketing else 0)
+    # about 4 bytes of text per token (a cheap length estimate for bucketing), and never
+    # more than the tokenizer keeps: long texts all share the longest bucket
+    tokens = min(len(raw) // 4 + 2, spec.max_tokens or len(raw))
+    return Inputs({}, text, bucket_of(tokens) if spec.bucketing else 0)
 
 
 def _expected(spec: ModelSpec) -> str:

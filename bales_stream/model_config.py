@@ -212,6 +212,7 @@ class ModelConfig(BaseModel):
             tuple(i.spec(vocabulary_size) for i in self.inputs or ()),
             tuple(sorted(self.max_dims.items())),
             text=self.tokenizer is not None,
+            max_tokens=self.tokenizer.max_length if self.tokenizer else 0,
             bucketing=self.bucketing,
         )
 

@@ -94,6 +94,8 @@ class ModelSpec:
     """Upper bounds of variable dimensions, as (name, size) pairs."""
     text: bool = False
     """True when the model has a tokenizer (it takes ``encoding=text``)."""
+    max_tokens: int = 0
+    """The tokenizer's ``max_length``: a text is never longer, in tokens, once tokenised."""
     bucketing: bool = True
     """Batch requests of similar length together (models with variable dimensions)."""
 

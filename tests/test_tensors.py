@@ -169,9 +169,12 @@ def test_text_and_f32_are_refused_for_models_that_do_not_take_them() -> None:
     assert "encoding f32 is for a model with one fixed-shape float32 input" in refused(
         b"\x00" * 8, "f32", TEXTLIKE
     )
-    text_model = ModelSpec("t", "tensor", inputs=TEXTLIKE.inputs[:2], text=True)
+    text_model = ModelSpec("t", "tensor", inputs=TEXTLIKE.inputs[:2], text=True, max_tokens=128)
     assert "not valid UTF-8" in refused(b"\xff\xfe", "text", text_model)
     assert decode_inputs("héllo".encode(), "text", text_model).text == "héllo"
+    # texts that are cut to max_length tokens all share the longest bucket
+    assert decode_inputs(b"x " * 400, "text", text_model).bucket == 128
+    assert decode_inputs(b"x " * 40_000, "text", text_model).bucket == 128
 
 
 def test_legacy_models_keep_their_messages() -> None:
