@@ -9,6 +9,7 @@ Two rules hold for all of them, because whatever a client writes ends up in thei
   name and size, never its bytes. So one read costs the consumer at most
   ``count x (MAX_INPUT_BYTES + a constant)``, whatever the entries hold. Each entry comes
   back as ``{id, kept field/value pairs (nil: deleted entry), withheld name/size pairs}``.
+  A field given twice counts by its last copy, whether that one is kept or withheld.
 * **Completion cannot half-fail.** A reply key or ``reply_to`` inbox that a client made
   into another type is skipped and counted (``TYPE`` first; never ``EXPIRE`` on a key we
   did not write), so the reply, the other inbox pushes and every ack of the batch still
@@ -23,22 +24,41 @@ import hashlib
 _BOUND = """
 local limit_input, limit_field = tonumber(ARGV[1]), tonumber(ARGV[2])
 local limit_fields, limit_name = tonumber(ARGV[3]), tonumber(ARGV[4])
+-- A field given twice: only its last copy counts, kept (last < 0) or withheld (last = its
+-- position, recorded for each withheld copy in `at`).
+local function last_copies(kept, withheld, at, last)
+  local k, w = {}, {}
+  for i = 1, #kept, 2 do
+    if last[kept[i]] < 0 then k[#k + 1] = kept[i]; k[#k + 1] = kept[i + 1] end
+  end
+  for j = 1, #at do
+    if last[at[j][1]] == at[j][2] then
+      w[#w + 1] = withheld[2 * j - 1]; w[#w + 1] = withheld[2 * j]
+    end
+  end
+  return k, w
+end
 local function bound(entry)
   local fields = entry[2]
   if not fields then return {entry[1], false, {}} end
-  local kept, withheld = {}, {}
+  local kept, withheld, at, last, twice = {}, {}, {}, {}, false
   for i = 1, #fields, 2 do
     local name, value = fields[i], fields[i + 1]
     local limit = limit_field
     if name == 'input' then limit = limit_input end
+    twice = twice or last[name] ~= nil
     if #name > limit_name or #value > limit or #kept >= 2 * limit_fields then
       withheld[#withheld + 1] = string.sub(name, 1, limit_name)
       withheld[#withheld + 1] = #value
+      at[#at + 1] = {name, i}
+      last[name] = i
     else
       kept[#kept + 1] = name
       kept[#kept + 1] = value
+      last[name] = -i
     end
   end
+  if twice then kept, withheld = last_copies(kept, withheld, at, last) end
   return {entry[1], kept, withheld}
 end
 local function bound_all(entries)

@@ -174,6 +174,41 @@ async def test_every_read_path_withholds_oversized_values(aredis, keys) -> None:
     assert entry.fields == {b"request_id": b"late"} and entry.withheld == {b"input": 5000}
 
 
+async def test_a_field_given_twice_counts_by_its_last_copy_on_every_read_path(aredis, keys) -> None:
+    """The contract: a field given twice, the last value counts, whether the earlier or
+    the later copy is the one too large to be read."""
+    store = StreamStore(aredis, keys, "bales", "reader", 60, max_input_bytes=1000)
+    await store.ensure_groups()
+    big, small = b"x" * 5000, b"[1]"
+    for i in range(2):
+        await aredis.execute_command(
+            "XADD", keys.stream(0), "*", "request_id", f"big-last{i}", "input", small, "input", big
+        )
+        await aredis.execute_command(
+            "XADD",
+            keys.stream(0),
+            "*",
+            "request_id",
+            f"small-last{i}",
+            "input",
+            big,
+            "input",
+            small,
+        )
+    for read in (
+        lambda: store.read(count=64, share=8, block_ms=100),  # prioritised (backlog) read
+        lambda: store.read_own_pending({}, 64),
+        lambda: store.reclaim(0, "0-0", 0, 100),
+    ):
+        result = await read()
+        entries = result if isinstance(result, list) else result.entries
+        by_id = {e.fields[b"request_id"].decode()[:-1]: e for e in entries}
+        assert by_id["big-last"].withheld == {b"input": 5000}
+        assert b"input" not in by_id["big-last"].fields  # the earlier small copy is not used
+        assert by_id["small-last"].fields[b"input"] == small
+        assert not by_id["small-last"].withheld
+
+
 async def test_an_entry_id_ahead_of_the_clock_is_clamped(service_factory, aredis, keys) -> None:
     async with service_factory(batch_window_ms=50, adaptive_window=False) as svc:
         future_ms = int(time.time() * 1000) + 3_600_000
