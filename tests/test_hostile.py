@@ -11,13 +11,14 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import aiohttp
 from bales_producer import KeySpace
 
 from bales_stream import service as service_module
 from bales_stream.recovery import Recovery
-from bales_stream.streams import StreamStore
+from bales_stream.streams import StreamEntry, StreamStore
 
 from .conftest import wait_for
 from .test_worker import STUB_INPUT, pending_count, reply_of, xadd
@@ -153,6 +154,18 @@ async def test_oversized_fields_never_reach_the_consumer(service_factory, aredis
     assert await pending_count(aredis, keys) == 0
 
 
+async def script_reads(store: StreamStore) -> AsyncIterator[list[StreamEntry]]:
+    """The entries each bounded (scripted) read path returns, one path after the other: the
+    prioritised backlog read, the own-pending read and the reclaim."""
+    for read in (
+        lambda: store.read(count=64, share=8, block_ms=100),
+        lambda: store.read_own_pending({}, 64),
+        lambda: store.reclaim(0, "0-0", 0, 100),
+    ):
+        result = await read()
+        yield result if isinstance(result, list) else result.entries
+
+
 async def test_every_read_path_withholds_oversized_values(aredis, keys) -> None:
     store = StreamStore(aredis, keys, "bales", "reader", 60, max_input_bytes=1000)
     await store.ensure_groups()
@@ -160,13 +173,7 @@ async def test_every_read_path_withholds_oversized_values(aredis, keys) -> None:
         await aredis.xadd(
             keys.stream(0), {"request_id": f"r{i}", "input": b"x" * 5000, "note": b"y" * 9000}
         )
-    for read in (
-        lambda: store.read(count=64, share=8, block_ms=100),  # prioritised (backlog) read
-        lambda: store.read_own_pending({}, 64),
-        lambda: store.reclaim(0, "0-0", 0, 100),
-    ):
-        result = await read()
-        entries = result if isinstance(result, list) else result.entries
+    async for entries in script_reads(store):
         assert [e.fields for e in entries] == [{b"request_id": f"r{i}".encode()} for i in range(3)]
         assert all(e.withheld == {b"input": 5000, b"note": 9000} for e in entries)
     await aredis.xadd(keys.stream(2), {"request_id": "late", "input": b"x" * 5000})
@@ -180,29 +187,12 @@ async def test_a_field_given_twice_counts_by_its_last_copy_on_every_read_path(ar
     store = StreamStore(aredis, keys, "bales", "reader", 60, max_input_bytes=1000)
     await store.ensure_groups()
     big, small = b"x" * 5000, b"[1]"
-    for i in range(2):
+    for request_id, first, last in (("big-last", small, big), ("small-last", big, small)):
         await aredis.execute_command(
-            "XADD", keys.stream(0), "*", "request_id", f"big-last{i}", "input", small, "input", big
+            "XADD", keys.stream(0), "*", "request_id", request_id, "input", first, "input", last
         )
-        await aredis.execute_command(
-            "XADD",
-            keys.stream(0),
-            "*",
-            "request_id",
-            f"small-last{i}",
-            "input",
-            big,
-            "input",
-            small,
-        )
-    for read in (
-        lambda: store.read(count=64, share=8, block_ms=100),  # prioritised (backlog) read
-        lambda: store.read_own_pending({}, 64),
-        lambda: store.reclaim(0, "0-0", 0, 100),
-    ):
-        result = await read()
-        entries = result if isinstance(result, list) else result.entries
-        by_id = {e.fields[b"request_id"].decode()[:-1]: e for e in entries}
+    async for entries in script_reads(store):
+        by_id = {e.fields[b"request_id"].decode(): e for e in entries}
         assert by_id["big-last"].withheld == {b"input": 5000}
         assert b"input" not in by_id["big-last"].fields  # the earlier small copy is not used
         assert by_id["small-last"].fields[b"input"] == small

@@ -12,6 +12,7 @@ import torch
 from bales_stream.inference import predict_requests
 from bales_stream.models import builtin_stub
 from bales_stream.protocol import Request
+from bales_stream.replies import expired_completion
 
 POISON = 42.0
 
@@ -77,8 +78,6 @@ def test_a_half_whose_sibling_succeeded_is_split_without_running_it_whole() -> N
 
 
 def test_an_expired_retry_says_an_earlier_delivery_went_unanswered() -> None:
-    from bales_stream.replies import expired_completion
-
     [request] = requests_with_poison_at(set(), count=1)
     fresh = json.loads(expired_completion(request, now_ms=10**15 + 5).document)
     request.retried = True
