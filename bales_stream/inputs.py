@@ -15,6 +15,9 @@ what was expected. See docs/wire-format.md.
 
 from __future__ import annotations
 
+import functools
+import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -117,7 +120,9 @@ def _f32_array(raw: bytes, spec: ModelSpec) -> np.ndarray:
     size = spec.input_size
     if count != size:
         raise invalid(f"input has {count} values; {spec.model_id} expects {size}")
-    array = np.frombuffer(raw, dtype=_F32).reshape(only.shape)  # type: ignore[arg-type]
+    array = np.frombuffer(raw, dtype=_F32)
+    if len(only.shape) != 1:
+        array = array.reshape(only.shape)  # type: ignore[arg-type]
     _check_finite(only, array)
     return array
 
@@ -219,11 +224,28 @@ def _round_to_bfloat16(array: np.ndarray) -> np.ndarray:
 
 
 def _check_finite(declared: TensorSpec, array: np.ndarray) -> None:
-    if declared.storage.kind == "f" and not np.isfinite(array).all():
+    if declared.storage.kind == "f" and not _all_finite(array):
         what = "input" if declared.name == "input" else f"tensor {declared.name}"
         raise invalid(
             f"{what} contains NaN or infinity (or a number beyond {declared.dtype} range)"
         )
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """True when no value is NaN or infinite. ``x * 0`` is NaN exactly for those, so one dot
+    product with zeros tells, about five times faster than ``isfinite().all()`` for a
+    request's input (it runs on the event loop, per request)."""
+    flat = array.reshape(-1)
+    return not math.isnan(flat.dot(_zeros(flat.size, flat.dtype.str)))
+
+
+# NaN * 0 raises numpy's "invalid value" flag: expected here, and refused by the caller
+warnings.filterwarnings("ignore", "invalid value encountered in dot", RuntimeWarning, __name__)
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(size: int, dtype: str) -> np.ndarray:
+    return np.zeros(size, dtype)
 
 
 def _shape_message(shape: tuple[int, ...], spec: ModelSpec) -> str:

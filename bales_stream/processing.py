@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from bales_producer import wire
 
 from .inference import InferenceExecutor, predict_requests
@@ -22,7 +23,7 @@ from .metrics import Metrics
 from .models import LoadedModel
 from .protocol import Request
 from .registry import ModelRegistry
-from .replies import Completion, error_completion, expired_completion, ok_completion
+from .replies import Completion, error_completion, expired_completion, ok_completions
 from .tracing import batch_span
 
 log = logging.getLogger(__name__)
@@ -123,34 +124,36 @@ class BatchProcessor:
     ) -> None:
         started_ms, done_ms, inference_s = times
         self.metrics.batch_size.observe(len(requests))
-        answered = 0
+        computed = [
+            (r, result) for r, result in zip(requests, results, strict=True) if result is not None
+        ]
         for request, result in zip(requests, results, strict=True):
             if result is None:
                 outcome.completions.append(_invalid_output(request))
                 self.metrics.count(model.model_id, wire.ERROR_INVALID_OUTPUT)
-                continue
-            answered += 1
-            latency_ms = max(0.0, done_ms - request.enqueued_ms)
-            queued_ms = max(0.0, started_ms - request.enqueued_ms)
-            self.metrics.observe_request(
-                request.priority,
-                latency_s=latency_ms / 1000,
-                queued_s=queued_ms / 1000,
-                inference_s=inference_s,
-                in_redis_s=max(0.0, request.read_ms - request.enqueued_ms) / 1000,
-                in_memory_s=max(0.0, started_ms - request.read_ms) / 1000,
-            )
-            outcome.completions.append(
-                ok_completion(
-                    request,
-                    model_version=model.version,
-                    result=result,
-                    batch_size=len(requests),
-                    queued_ms=queued_ms,
-                    latency_ms=latency_ms,
-                )
-            )
-        self.metrics.count(model.model_id, wire.STATUS_OK, answered)
+        if not computed:
+            return
+        answered = [request for request, _ in computed]
+        enqueued_ms = np.array([r.enqueued_ms for r in answered], dtype=np.float64)
+        read_ms = np.array([r.read_ms for r in answered], dtype=np.float64)
+        latency_ms = np.maximum(0.0, done_ms - enqueued_ms)
+        queued_ms = np.maximum(0.0, started_ms - enqueued_ms)
+        self.metrics.observe_requests(
+            np.array([r.priority for r in answered]),
+            latency_s=latency_ms / 1000,
+            queued_s=queued_ms / 1000,
+            inference_s=inference_s,
+            in_redis_s=np.maximum(0.0, read_ms - enqueued_ms) / 1000,
+            in_memory_s=np.maximum(0.0, started_ms - read_ms) / 1000,
+        )
+        outcome.completions += ok_completions(
+            computed,
+            model_version=model.version,
+            batch_size=len(requests),
+            queued_ms=queued_ms.round(3).tolist(),
+            latency_ms=latency_ms.round(3).tolist(),
+        )
+        self.metrics.count(model.model_id, wire.STATUS_OK, len(computed))
 
 
 def _invalid_output(request: Request) -> Completion:

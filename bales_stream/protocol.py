@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from bales_producer import wire
@@ -84,8 +85,7 @@ class Request:
         return f"{self.model_id}#{self.bucket}" if self.bucket else self.model_id
 
 
-@dataclass(frozen=True)
-class Envelope:
+class Envelope(NamedTuple):
     """Where an answer to an entry goes; known as soon as the request_id is."""
 
     priority: int
@@ -101,14 +101,24 @@ def entry_time_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
-def _text(fields: dict[bytes, bytes], name: str) -> str | None:
-    raw = fields.get(_KEYS[name])
-    if raw is None:
-        return None
+def _decoded(raw: bytes, name: str) -> str:
+    """A field's value as text; ``invalid_request`` when it is not UTF-8."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise invalid(f"field {name} is not valid UTF-8 text") from None
+
+
+_REQUEST_ID = _KEYS[wire.FIELD_REQUEST_ID]
+_MODEL_ID = _KEYS[wire.FIELD_MODEL_ID]
+_REPLY_TO = _KEYS[wire.FIELD_REPLY_TO]
+_INPUT = _KEYS[wire.FIELD_INPUT]
+_ENCODING = _KEYS[wire.FIELD_ENCODING]
+_MODEL_TYPE = _KEYS[wire.FIELD_MODEL_TYPE]
+_TIMEOUT_MS = _KEYS[wire.FIELD_TIMEOUT_MS]
+_TRACEPARENT = _KEYS[wire.FIELD_TRACEPARENT]
+_REPLY_ENCODING = _KEYS[wire.FIELD_REPLY_ENCODING]
+_VALID_ID = wire.REQUEST_ID_PATTERN.fullmatch
 
 
 def read_envelope(
@@ -121,9 +131,9 @@ def read_envelope(
 ) -> Envelope:
     """Find where to answer an entry, or raise ``Unanswerable`` (dead-letter it).
     ``withheld``: fields too large to be read, name -> size in bytes (see ``scripts``)."""
-    raw_id = (fields or {}).get(_KEYS[wire.FIELD_REQUEST_ID])
+    raw_id = fields.get(_REQUEST_ID) if fields else None
     if raw_id is None:
-        size = (withheld or {}).get(_KEYS[wire.FIELD_REQUEST_ID])
+        size = (withheld or {}).get(_REQUEST_ID)
         if size is not None:
             raise Unanswerable(
                 f"field request_id ({size} bytes) was not read: it holds 1-128 chars, and only "
@@ -133,13 +143,14 @@ def read_envelope(
             raise Unanswerable("entry has no fields (deleted from the stream?)")
         raise Unanswerable("missing field request_id")
     request_id = raw_id.decode("utf-8", "replace")
-    if not wire.is_valid_request_id(request_id):
+    if _VALID_ID(request_id) is None:
         raise Unanswerable(
             f"request_id {request_id[:140]!r} is invalid: expected 1-128 chars of [A-Za-z0-9._:-]"
         )
     assert fields is not None
-    model_id = fields.get(_KEYS[wire.FIELD_MODEL_ID], b"").decode("utf-8", "replace")
-    reply_to = fields.get(_KEYS[wire.FIELD_REPLY_TO], b"").decode("utf-8", "replace") or None
+    model_id = fields.get(_MODEL_ID, b"").decode("utf-8", "replace")
+    raw_reply_to = fields.get(_REPLY_TO)
+    reply_to = raw_reply_to.decode("utf-8", "replace") if raw_reply_to else None
     if reply_to is not None and not keys.is_valid_inbox(reply_to):
         reply_to = None  # never write outside our key space; the reply key still gets it
     return Envelope(priority, entry_id, request_id, model_id[:200], reply_to, shard)
@@ -157,16 +168,24 @@ def decode_request(
 
     The enqueue time is the entry ID's, but never later than ``now_ms`` (Redis's clock as
     the consumer reads the entry): an ID set ahead of the clock (XADD with an explicit ID)
-    cannot make a request wait negative time or outlive its deadline."""
+    cannot make a request wait negative time or outlive its deadline. (On the hot path:
+    each field is looked up once, with its name's bytes encoded once, at import.)"""
     if withheld:
         _refuse_withheld(withheld, limits)
-    if fields.get(_KEYS[wire.FIELD_REPLY_TO]) and envelope.reply_to is None:
+    if envelope.reply_to is None and fields.get(_REPLY_TO):
         raise invalid("field reply_to must name an inbox key '<prefix>:inbox:<name>'")
     spec = _model_spec(envelope.model_id, fields, lookup)
     enqueued_ms = min(entry_time_ms(envelope.entry_id), int(now_ms))
-    deadline_ms = enqueued_ms + _timeout_ms(fields, limits)
-    reply_encoding = read_reply_encoding(_text(fields, wire.FIELD_REPLY_ENCODING))
+    timeout = fields.get(_TIMEOUT_MS)
+    deadline_ms = enqueued_ms + (limits.default_timeout_ms if not timeout else _timeout_ms(timeout))
+    raw_encoding = fields.get(_REPLY_ENCODING)
+    reply_encoding = (
+        wire.ENCODING_JSON
+        if raw_encoding is None
+        else read_reply_encoding(_decoded(raw_encoding, wire.FIELD_REPLY_ENCODING))
+    )
     inputs = _inputs(fields, spec, limits)
+    traceparent = fields.get(_TRACEPARENT)
     return Request(
         envelope.priority,
         envelope.entry_id,
@@ -176,12 +195,13 @@ def decode_request(
         enqueued_ms,
         deadline_ms,
         envelope.reply_to,
-        traceparent=_traceparent(fields),
-        shard=envelope.shard,
-        text=inputs.text,
-        reply_encoding=reply_encoding,
-        bucket=inputs.bucket,
-        read_ms=now_ms,
+        False,
+        None if traceparent is None else _traceparent(traceparent),
+        envelope.shard,
+        inputs.text,
+        reply_encoding,
+        inputs.bucket,
+        now_ms,
     )
 
 
@@ -189,9 +209,9 @@ def _refuse_withheld(withheld: dict[bytes, int], limits: Limits) -> None:
     """Refuse a request one of whose known fields was too large (or beyond the field
     count) to be read; withheld unknown fields are ignored, like every unknown field."""
     for name, size in withheld.items():
-        if name == _KEYS[wire.FIELD_INPUT]:
+        if name == _INPUT:
             raise invalid(f"input has {size} bytes; the limit is {limits.max_input_bytes}")
-        if name in KNOWN_FIELDS and name != _KEYS[wire.FIELD_TRACEPARENT]:  # that one: ignored
+        if name in KNOWN_FIELDS and name != _TRACEPARENT:  # that one: ignored
             raise invalid(
                 f"field {name.decode()} has {size} bytes and was not read: fields other than "
                 f"input hold at most {MAX_FIELD_BYTES} bytes, and an entry at most "
@@ -203,10 +223,9 @@ TRACEPARENT = re.compile(r"^[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{
 """W3C trace context ``version-trace_id-parent_id-flags`` (all-zero ids are invalid)."""
 
 
-def _traceparent(fields: dict[bytes, bytes]) -> str | None:
-    """The entry's W3C traceparent, or None when absent or invalid (ignored, per W3C)."""
-    raw = fields.get(_KEYS[wire.FIELD_TRACEPARENT])
-    if raw is None or len(raw) != 55:
+def _traceparent(raw: bytes) -> str | None:
+    """The entry's W3C traceparent, or None when invalid (ignored, per W3C)."""
+    if len(raw) != 55:
         return None
     text = raw.decode("ascii", "replace")
     return text if TRACEPARENT.match(text) and not text.startswith("ff") else None
@@ -218,7 +237,8 @@ def _model_spec(model_id: str, fields: dict[bytes, bytes], lookup: ModelLookup) 
     spec = lookup(model_id)
     if spec is None:
         raise RequestRejected(wire.ERROR_UNKNOWN_MODEL, f"model {model_id!r} is not served")
-    model_type = _text(fields, wire.FIELD_MODEL_TYPE)
+    raw_type = fields.get(_MODEL_TYPE)
+    model_type = _decoded(raw_type, wire.FIELD_MODEL_TYPE) if raw_type else None
     if model_type and model_type != spec.model_type:
         raise invalid(
             f"model_type {model_type!r} does not match: {model_id} is a {spec.model_type} model"
@@ -226,10 +246,9 @@ def _model_spec(model_id: str, fields: dict[bytes, bytes], lookup: ModelLookup) 
     return spec
 
 
-def _timeout_ms(fields: dict[bytes, bytes], limits: Limits) -> int:
-    text = _text(fields, wire.FIELD_TIMEOUT_MS)
-    if text is None or text == "":
-        return limits.default_timeout_ms
+def _timeout_ms(raw: bytes) -> int:
+    """A non-empty ``timeout_ms`` field's value."""
+    text = _decoded(raw, wire.FIELD_TIMEOUT_MS)
     # ASCII digits only: str.isdigit() also accepts e.g. "²", which int() refuses
     if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_TIMEOUT_MS):
         raise invalid(
@@ -239,11 +258,12 @@ def _timeout_ms(fields: dict[bytes, bytes], limits: Limits) -> int:
 
 
 def _inputs(fields: dict[bytes, bytes], spec: ModelSpec, limits: Limits) -> Inputs:
-    raw = fields.get(_KEYS[wire.FIELD_INPUT])
+    raw = fields.get(_INPUT)
     if raw is None:
         what = f"{spec.input_size} numbers" if not spec.named else "the model's input tensors"
         raise invalid(f"missing field input: expected {what}")
     if len(raw) > limits.max_input_bytes:
         raise invalid(f"input has {len(raw)} bytes; the limit is {limits.max_input_bytes}")
-    encoding = _text(fields, wire.FIELD_ENCODING) or wire.ENCODING_JSON
-    return decode_inputs(raw, encoding, spec)
+    encoding = fields.get(_ENCODING)
+    text = _decoded(encoding, wire.FIELD_ENCODING) if encoding else wire.ENCODING_JSON
+    return decode_inputs(raw, text, spec)

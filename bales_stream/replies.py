@@ -9,8 +9,8 @@ reply is never ``{``: a reader tells the two apart by it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -20,8 +20,7 @@ from bales_producer import wire
 from .protocol import Envelope, Request
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
+class Completion(NamedTuple):
     """Everything needed to answer and ack one stream entry in one step."""
 
     priority: int
@@ -47,36 +46,41 @@ def _safetensors_document(document: dict[str, Any]) -> bytes:
     return safetensors.numpy.save(tensors, metadata=metadata)
 
 
-def ok_completion(
-    request: Request,
+def ok_completions(
+    computed: Sequence[tuple[Request, dict[str, Any]]],
     *,
     model_version: str,
-    result: dict[str, Any],
     batch_size: int,
-    queued_ms: float,
-    latency_ms: float,
-) -> Completion:
-    """The success reply of one computed request."""
-    document = {
-        "request_id": request.request_id,
-        "model_id": request.model_id,
-        "model_version": model_version,
-        "status": wire.STATUS_OK,
-        "result": result,
-        "batch_size": batch_size,
-        "queued_ms": round(queued_ms, 3),
-        "latency_ms": round(latency_ms, 3),
-        "priority": request.priority,
-    }
-    binary = request.reply_encoding == wire.ENCODING_SAFETENSORS
-    return Completion(
-        request.priority,
-        request.entry_id,
-        request.request_id,
-        _safetensors_document(document) if binary else _dump(document),
-        request.reply_to,
-        request.shard,
-    )
+    queued_ms: Sequence[float],
+    latency_ms: Sequence[float],
+) -> list[Completion]:
+    """The success replies of a batch's computed requests (with their results), in order;
+    ``queued_ms`` and ``latency_ms`` per request, rounded to the microsecond."""
+    completions = []
+    for (request, result), queued, latency in zip(computed, queued_ms, latency_ms, strict=True):
+        document = {
+            "request_id": request.request_id,
+            "model_id": request.model_id,
+            "model_version": model_version,
+            "status": wire.STATUS_OK,
+            "result": result,
+            "batch_size": batch_size,
+            "queued_ms": queued,
+            "latency_ms": latency,
+            "priority": request.priority,
+        }
+        binary = request.reply_encoding == wire.ENCODING_SAFETENSORS
+        completions.append(
+            Completion(
+                request.priority,
+                request.entry_id,
+                request.request_id,
+                _safetensors_document(document) if binary else _dump(document),
+                request.reply_to,
+                request.shard,
+            )
+        )
+    return completions
 
 
 def error_completion(target: Envelope | Request, code: str, message: str) -> Completion:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from bales_producer import wire
@@ -32,8 +32,7 @@ DEAD_LETTER_MAXLEN = 100_000
 no accepted request; it only forgets the oldest diagnostics)."""
 
 
-@dataclass(frozen=True, slots=True)
-class StreamEntry:
+class StreamEntry(NamedTuple):
     """One entry read from a request stream (``fields`` is None for a deleted entry).
 
     ``withheld``: fields too large (or too many) to be read, by name, with their size in
@@ -193,7 +192,8 @@ def _push_inboxes(pipe: Any, completions: list[Completion], ttl_s: int) -> int:
 def _pairs(flat: list[Any]) -> dict[Any, Any]:
     """A flat ``[name, value, ...]`` list (as Lua returns it) as a dict (a name given twice:
     the last value counts, as with redis-py's own XREADGROUP parsing)."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+    items = iter(flat)
+    return dict(zip(items, items, strict=True))
 
 
 class StreamStore:

@@ -7,7 +7,6 @@ import logging
 
 import numpy as np
 import pytest
-from bales_producer import wire
 
 from bales_stream.logs import configure_logging
 from bales_stream.protocol import Request, _traceparent
@@ -47,8 +46,7 @@ def test_json_logs_carry_the_consumer_and_event_fields(capfd) -> None:
     ],
 )
 def test_only_a_valid_traceparent_is_kept(raw: str, kept: bool) -> None:
-    fields = {wire.FIELD_TRACEPARENT.encode(): raw.encode()}
-    assert _traceparent(fields) == (raw if kept else None)
+    assert _traceparent(raw.encode()) == (raw if kept else None)
 
 
 def test_a_batch_span_links_to_every_request_trace() -> None:
@@ -124,3 +122,40 @@ async def test_each_stage_of_a_request_is_timed(service, redis_url, prefix) -> N
     # the parts fit in the whole: the stages before the reply took no longer than it did
     before_reply_s = sum(stage(n, "sum") for n in ("executor_queue", "model", "handback"))
     assert 0 < before_reply_s <= sum(r["latency_ms"] for r in replies) / 1000
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_batch_histogram_counts_as_a_prometheus_histogram_does(seed: int) -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from bales_stream.metrics import LATENCY_BUCKETS_S, BatchHistogram
+
+    rng = np.random.default_rng(seed)
+    # values on every bucket bound (le is inclusive), between them, beyond the last, and 0
+    values = np.concatenate(
+        [np.array(LATENCY_BUCKETS_S), rng.exponential(0.05, 200), [0.0, 9.0, 1e9]]
+    )
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    batch = BatchHistogram("t_seconds", "t", ["priority"], LATENCY_BUCKETS_S, ours)
+    reference = Histogram(
+        "t_seconds", "t", ["priority"], buckets=LATENCY_BUCKETS_S, registry=theirs
+    )
+    for part in np.array_split(values, 7):
+        batch.observe_many(part, "1")
+    batch.observe(0.004, "1")
+    for value in [*values, 0.004]:
+        reference.labels("1").observe(value)
+
+    def samples(registry: CollectorRegistry) -> dict[tuple, float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    expected = samples(theirs)
+    got = samples(ours)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key

@@ -132,10 +132,19 @@ def test_a_missing_input_field_is_rejected() -> None:
     assert "missing field input" in rejection(entry).message
 
 
-def test_nan_in_f32_is_rejected() -> None:
-    values = np.zeros(128, dtype="<f4")
-    values[5] = np.nan
-    assert "NaN" in rejection(fields(input=values.tobytes(), encoding="f32")).message
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinity_anywhere_in_f32_is_rejected(bad: float) -> None:
+    for position in range(128):
+        values = np.zeros(128, dtype="<f4")
+        values[position] = bad
+        assert "NaN" in rejection(fields(input=values.tobytes(), encoding="f32")).message
+
+
+def test_the_largest_finite_f32_values_are_accepted() -> None:
+    largest = np.finfo(np.float32).max
+    values = np.array([largest, -largest] * 64, dtype="<f4")
+    request = decode(fields(input=values.tobytes(), encoding="f32"))
+    assert np.array_equal(request.inputs["input"], values)
 
 
 @pytest.mark.parametrize(

@@ -139,3 +139,32 @@ async def test_reclaim_takes_idle_entries_and_reports_deliveries(store, aredis, 
     assert [e.fields[b"request_id"] for e in claimed.entries] == [b"p0-0", b"p0-1"]
     assert set(claimed.deliveries.values()) == {2}
     assert claimed.cursor == "0-0"  # one pass covered everything
+
+
+async def test_the_service_client_packs_commands_with_hiredis_as_redis_py_would(
+    redis_url, prefix
+):
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from bales_stream.service import connect
+
+    client = connect(redis_url)
+    try:
+        connection = client.connection_pool.make_connection()
+        assert type(connection).__name__ == "HiredisConnection"
+        plain = Connection()
+        for args in (
+            ("XINFO GROUPS", "s"),  # a two-word command is split, as redis-py does
+            ("EVALSHA", "a" * 40, 2, "k1", b"k2", 300, 1.5, "é", b"\x00\xff" * 600),
+            ("SET", memoryview(b"key"), bytearray(b"value")),
+        ):
+            assert b"".join(connection.pack_command(*args)) == b"".join(plain.pack_command(*args))
+        for bad in (None, [1], {"a": 1}):
+            with pytest.raises(DataError):
+                connection.pack_command("SET", "k", bad)
+        key = f"{prefix}:packed-é"
+        assert await client.set(key, b"\x00v") and await client.get(key) == b"\x00v"
+    finally:
+        await client.delete(f"{prefix}:packed-é")
+        await client.aclose()
