@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
@@ -54,10 +56,12 @@ TASK_KINDS = ("read", "batch", "lease", "reclaim", "trim", "control", "clock")
 
 
 class BatchHistogram:
-    """A Prometheus histogram observed a batch of values at a time: one numpy pass per batch
-    instead of a locked ``observe`` per value (the per-request histograms are on the hot
-    path). Exposed like ``prometheus_client``'s own (``_bucket``, ``_count``, ``_sum``);
-    a series appears with its first observation."""
+    """A Prometheus histogram observed a batch of values at a time: one lock and one
+    ``bisect`` per value instead of ``prometheus_client``'s locked ``observe`` (the
+    per-request histograms are on the event loop's hot path; numpy is not used here, as
+    its calls may release the GIL to the inference threads mid-batch). Exposed like
+    ``prometheus_client``'s own (``_bucket``, ``_count``, ``_sum``); a series appears
+    with its first observation."""
 
     def __init__(
         self,
@@ -70,29 +74,29 @@ class BatchHistogram:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._bounds = np.array([*buckets, float("inf")])
+        self._bounds = [*buckets, math.inf]
         self._les = [floatToGoString(bound) for bound in self._bounds]
-        self._series: dict[tuple[str, ...], tuple[np.ndarray, list[float]]] = {}
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        """labels -> per-bucket counts (not cumulative), then the sum."""
         self._lock = threading.Lock()
         registry.register(self)
 
-    def observe_many(self, values: np.ndarray, *labels: str) -> None:
+    def observe_many(self, values: Iterable[float], *labels: str) -> None:
         """Record every value of ``values`` (seconds, counts...) in the series ``labels``."""
-        if not len(values):
-            return
-        indexes = np.searchsorted(self._bounds, values, side="left")  # first bound >= value
-        counts = np.bincount(indexes, minlength=len(self._bounds))
-        total = float(values.sum())
+        bounds, where = self._bounds, bisect.bisect_left  # first bound >= value: le
         with self._lock:
             series = self._series.get(labels)
             if series is None:
-                series = self._series[labels] = (np.zeros(len(self._bounds), np.int64), [0.0])
-            series[0][:] += counts
-            series[1][0] += total
+                series = self._series[labels] = [0.0] * (len(bounds) + 1)
+            total = 0.0
+            for value in values:
+                series[where(bounds, value)] += 1
+                total += value
+            series[-1] += total
 
     def observe(self, value: float, *labels: str) -> None:
         """Record one value (for per-batch figures)."""
-        self.observe_many(np.array([value]), *labels)
+        self.observe_many((value,), *labels)
 
     def describe(self) -> list[HistogramMetricFamily]:
         """The family without samples (for the registry's name check)."""
@@ -102,13 +106,12 @@ class BatchHistogram:
         """The family with one histogram per series, buckets cumulative."""
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         with self._lock:
-            series = [
-                (labels, counts.cumsum(), sums[0])
-                for labels, (counts, sums) in self._series.items()
-            ]
-        for labels, cumulative, total in series:
-            buckets = [(le, float(n)) for le, n in zip(self._les, cumulative, strict=True)]
-            family.add_metric(list(labels), buckets, total)
+            copies = [(labels, list(series)) for labels, series in self._series.items()]
+        for labels, series in copies:
+            cumulative = list(itertools.accumulate(series[:-1]))
+            family.add_metric(
+                list(labels), list(zip(self._les, cumulative, strict=True)), series[-1]
+            )
         yield family
 
 
@@ -264,23 +267,23 @@ class Metrics:
 
     def observe_requests(
         self,
-        priorities: np.ndarray,
+        priorities: Sequence[int],
         *,
-        latency_s: np.ndarray,
-        queued_s: np.ndarray,
+        latency_s: Sequence[float],
+        queued_s: Sequence[float],
         inference_s: float,
-        in_redis_s: np.ndarray,
-        in_memory_s: np.ndarray,
+        in_redis_s: Sequence[float],
+        in_memory_s: Sequence[float],
     ) -> None:
-        """Record the computed requests of one batch (arrays in request order): latency,
-        queue wait and inference time per priority, and the two waits of each (in Redis,
-        then in memory before its batch started)."""
-        for priority in np.unique(priorities):
-            mine = priorities == priority
+        """Record the computed requests of one batch (in request order): latency, queue
+        wait and inference time per priority, and the two waits of each (in Redis, then in
+        memory before its batch started)."""
+        for priority in set(priorities):
+            mine = [i for i, p in enumerate(priorities) if p == priority]
             label = str(priority)
-            self.latency.observe_many(latency_s[mine], label)
-            self.queue_wait.observe_many(queued_s[mine], label)
-            self.inference.observe_many(np.full(int(mine.sum()), inference_s), label)
+            self.latency.observe_many([latency_s[i] for i in mine], label)
+            self.queue_wait.observe_many([queued_s[i] for i in mine], label)
+            self.inference.observe_many([inference_s] * len(mine), label)
         self.stage.observe_many(in_redis_s, "redis")
         self.stage.observe_many(in_memory_s, "memory")
 

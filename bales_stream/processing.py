@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from bales_producer import wire
 
 from .inference import InferenceExecutor, predict_requests
@@ -133,25 +132,22 @@ class BatchProcessor:
                 self.metrics.count(model.model_id, wire.ERROR_INVALID_OUTPUT)
         if not computed:
             return
-        answered = [request for request, _ in computed]
-        enqueued_ms = np.array([r.enqueued_ms for r in answered], dtype=np.float64)
-        read_ms = np.array([r.read_ms for r in answered], dtype=np.float64)
-        latency_ms = np.maximum(0.0, done_ms - enqueued_ms)
-        queued_ms = np.maximum(0.0, started_ms - enqueued_ms)
+        latency_ms = [max(0.0, done_ms - r.enqueued_ms) for r, _ in computed]
+        queued_ms = [max(0.0, started_ms - r.enqueued_ms) for r, _ in computed]
         self.metrics.observe_requests(
-            np.array([r.priority for r in answered]),
-            latency_s=latency_ms / 1000,
-            queued_s=queued_ms / 1000,
+            [r.priority for r, _ in computed],
+            latency_s=[ms / 1000 for ms in latency_ms],
+            queued_s=[ms / 1000 for ms in queued_ms],
             inference_s=inference_s,
-            in_redis_s=np.maximum(0.0, read_ms - enqueued_ms) / 1000,
-            in_memory_s=np.maximum(0.0, started_ms - read_ms) / 1000,
+            in_redis_s=[max(0.0, r.read_ms - r.enqueued_ms) / 1000 for r, _ in computed],
+            in_memory_s=[max(0.0, started_ms - r.read_ms) / 1000 for r, _ in computed],
         )
         outcome.completions += ok_completions(
             computed,
             model_version=model.version,
             batch_size=len(requests),
-            queued_ms=queued_ms.round(3).tolist(),
-            latency_ms=latency_ms.round(3).tolist(),
+            queued_ms=[round(ms, 3) for ms in queued_ms],
+            latency_ms=[round(ms, 3) for ms in latency_ms],
         )
         self.metrics.count(model.model_id, wire.STATUS_OK, len(computed))
 

@@ -141,9 +141,7 @@ async def test_reclaim_takes_idle_entries_and_reports_deliveries(store, aredis, 
     assert claimed.cursor == "0-0"  # one pass covered everything
 
 
-async def test_the_service_client_packs_commands_with_hiredis_as_redis_py_would(
-    redis_url, prefix
-):
+async def test_the_service_client_packs_commands_with_hiredis_as_redis_py_would(redis_url, prefix):
     from redis.asyncio.connection import Connection
     from redis.exceptions import DataError
 
