@@ -146,6 +146,25 @@ class Batcher(Generic[T]):
             self._room.clear()
             await self._room.wait()
 
+    def take_full(self, model_id: str, most: int) -> list[list[T]]:
+        """Remove and return up to ``most`` batches of ``model_id`` that are full now (any of
+        its batch keys), by the priority rule within each key (for a grouped hand-off)."""
+        batches: list[list[T]] = []
+        now_s = self._clock()
+        while len(batches) < most:
+            key = next(
+                (
+                    key
+                    for key, queue in self._queues.items()
+                    if queue.model_id == model_id and queue.count >= self._limits_of(model_id)[0]
+                ),
+                None,
+            )
+            if key is None:
+                break
+            batches.append(self._take(key, now_s))
+        return batches
+
     def take_all(self) -> list[list[T]]:
         """Remove and return everything waiting, as batches (for a graceful stop)."""
         batches = []

@@ -59,6 +59,8 @@ class BatchRun:
     """``time.monotonic()`` when a pool thread took the batch up."""
     model_s: float = 0.0
     """Time in the pool thread: inputs, the model call(s) and the model type."""
+    model_cpu_s: float = 0.0
+    """The pool thread's CPU time for it (``model_s`` less waits for the GIL)."""
 
 
 def predict_requests(model: LoadedModel, requests: Sequence[Request]) -> BatchRun:
@@ -71,10 +73,17 @@ def predict_requests(model: LoadedModel, requests: Sequence[Request]) -> BatchRu
     hand-off from the event loop per batch, not one per split (measured: the poison
     scenario of ``benchmarks.faults``)."""
     run = BatchRun(thread_started_s=time.monotonic())
+    cpu_started_s = time.thread_time()
     use_threads(model.threads)
     _predict_or_split(model, requests, run, known_to_fail=False)
     run.model_s = time.monotonic() - run.thread_started_s
+    run.model_cpu_s = time.thread_time() - cpu_started_s
     return run
+
+
+def predict_calls(model: LoadedModel, calls: Sequence[Sequence[Request]]) -> list[BatchRun]:
+    """``predict_requests`` for each of several batches, in one pool thread call."""
+    return [predict_requests(model, requests) for requests in calls]
 
 
 def _predict_or_split(

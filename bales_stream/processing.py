@@ -1,10 +1,13 @@
-"""Turning one batch of requests into replies.
+"""Turning batches of requests into replies.
 
 Requests whose deadline has passed are answered ``expired`` without being computed; the
-rest go through the model in one call, in the executor. When the model raises, the batch is
-split in halves until the request(s) that make it raise are isolated: everyone else is
-still answered, and each culprit is left pending (no reply, no ack), so it is retried after
-``CLAIM_IDLE_MS`` and dead-lettered after ``MAX_DELIVERIES`` (see ``recovery``).
+rest of a batch go through the model in one call, in the executor. Under a backlog, several
+full batches of a fast model are handed to the executor together (one hand-off, one
+completion round trip: see ``HANDOFF_BUDGET_S``); each is still its own model call. When
+the model raises, the batch is split in halves until the request(s) that make it raise are
+isolated: everyone else is still answered, and each culprit is left pending (no reply, no
+ack), so it is retried after ``CLAIM_IDLE_MS`` and dead-lettered after ``MAX_DELIVERIES``
+(see ``recovery``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from bales_producer import wire
 
-from .inference import InferenceExecutor, predict_requests
+from .inference import BatchRun, InferenceExecutor, predict_calls
 from .metrics import Metrics
 from .models import LoadedModel
 from .protocol import Request
@@ -27,6 +30,17 @@ from .tracing import batch_span
 
 log = logging.getLogger(__name__)
 
+HANDOFF_BUDGET_S = 0.002
+"""Batches of one model handed to the executor together take at most about this much model
+CPU time in all, by the model's cheapest recent batch (under load the pool threads' CPU time
+grows with the waits for the GIL, so the least is the model's own cost). A hand-off and a
+completion round trip cost the event loop more than a small model's batch does, while a
+slow model's batches still go one at a time, so none waits long behind another."""
+MAX_BATCHES_PER_HANDOFF = 4
+BATCH_COST_DRIFT = 1.02
+"""The cheapest-batch estimate rises by 2 % a batch, so it follows a model that became
+slower (a reload, longer inputs)."""
+
 
 @dataclass
 class Outcome:
@@ -34,6 +48,15 @@ class Outcome:
 
     completions: list[Completion] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)
+
+
+def batches_per_handoff(cheapest_batch_s: float | None) -> int:
+    """As many batches as fit in ``HANDOFF_BUDGET_S`` of the model's cheapest recent batch
+    (CPU seconds), 1 to ``MAX_BATCHES_PER_HANDOFF``; 1 while the model has not run yet."""
+    if cheapest_batch_s is None:
+        return 1
+    fit = int(HANDOFF_BUDGET_S / max(cheapest_batch_s, 1e-9))
+    return max(1, min(MAX_BATCHES_PER_HANDOFF, fit))
 
 
 class BatchProcessor:
@@ -50,47 +73,73 @@ class BatchProcessor:
         self.executor = executor
         self.metrics = metrics
         self.now_ms = now_ms
+        self._batch_s: dict[str, float] = {}
+        """Per model, the CPU time of its cheapest recent batch in the pool thread."""
 
-    async def process(self, batch: list[Request]) -> Outcome:
-        """Answer one batch (all of one model)."""
+    def batches_per_handoff(self, model_id: str) -> int:
+        """How many full batches of ``model_id`` may go to the executor together."""
+        return batches_per_handoff(self._batch_s.get(model_id))
+
+    async def process(self, batches: Sequence[Sequence[Request]]) -> Outcome:
+        """Answer batches of one model, computed in one hand-off to the executor."""
         outcome = Outcome()
         started_ms = self.now_ms()
-        live = [r for r in batch if r.deadline_ms > started_ms]
-        expired = [r for r in batch if r.deadline_ms <= started_ms]
-        if expired:
-            outcome.completions += [expired_completion(r, started_ms) for r in expired]
-            self.metrics.count(expired[0].model_id, wire.ERROR_EXPIRED, len(expired))
-        if not live:
-            return outcome
-        model = self.registry.get(live[0].model_id)
-        if model is None:  # unloaded since the request was decoded
-            message = f"model {live[0].model_id} is no longer served"
-            outcome.completions += [error_completion(r, wire.ERROR_INTERNAL, message) for r in live]
-            self.metrics.count(live[0].model_id, wire.ERROR_INTERNAL, len(live))
-            return outcome
-        fresh = [r for r in live if not r.retried]
-        if fresh:
-            await self._compute(model, fresh, started_ms, outcome)
-        for retry in (r for r in live if r.retried):  # a suspect: alone, so it spoils no batch
-            await self._compute(model, [retry], started_ms, outcome)
+        calls: list[Sequence[Request]] = []
+        model: LoadedModel | None = None
+        for batch in batches:
+            live = [r for r in batch if r.deadline_ms > started_ms]
+            expired = [r for r in batch if r.deadline_ms <= started_ms]
+            if expired:
+                outcome.completions += [expired_completion(r, started_ms) for r in expired]
+                self.metrics.count(expired[0].model_id, wire.ERROR_EXPIRED, len(expired))
+            if not live:
+                continue
+            model = self.registry.get(live[0].model_id)
+            if model is None:  # unloaded since the request was decoded
+                message = f"model {live[0].model_id} is no longer served"
+                outcome.completions += [
+                    error_completion(r, wire.ERROR_INTERNAL, message) for r in live
+                ]
+                self.metrics.count(live[0].model_id, wire.ERROR_INTERNAL, len(live))
+                continue
+            fresh = [r for r in live if not r.retried]
+            if fresh:
+                calls.append(fresh)
+            # a suspect goes alone, so it spoils no batch
+            calls += [[r] for r in live if r.retried]
+        if calls and model is not None:
+            await self._compute(model, calls, started_ms, outcome)
         return outcome
 
     async def _compute(
-        self, model: LoadedModel, requests: list[Request], started_ms: float, outcome: Outcome
+        self,
+        model: LoadedModel,
+        calls: list[Sequence[Request]],
+        started_ms: float,
+        outcome: Outcome,
     ) -> None:
-        call_ms, call_s = self.now_ms(), time.monotonic()
-        with batch_span(model.model_id, requests):
-            run = await self.executor.run(predict_requests, model, requests)
+        call_s = time.monotonic()
+        everyone = [r for call in calls for r in call]
+        with batch_span(model.model_id, everyone):
+            runs = await self.executor.run(predict_calls, model, calls)
         done_ms = self.now_ms()
-        inference_s = (done_ms - call_ms) / 1000
-        queued_s = run.thread_started_s - call_s
+        queued_s = runs[0].thread_started_s - call_s
+        model_s = sum(run.model_s for run in runs)
         self.metrics.observe_stages(
             executor_queue=queued_s,
-            model=run.model_s,
-            handback=time.monotonic() - call_s - queued_s - run.model_s,
+            model=model_s,
+            handback=time.monotonic() - call_s - queued_s - model_s,
         )
-        for group, results in run.answered:
-            self._answer(model, group, results, (started_ms, done_ms, inference_s), outcome)
+        cheapest_s = min(run.model_cpu_s for run in runs)
+        previous_s = self._batch_s.get(model.model_id, cheapest_s)
+        self._batch_s[model.model_id] = min(previous_s * BATCH_COST_DRIFT, cheapest_s)
+        for run in runs:
+            for group, results in run.answered:
+                times = (started_ms, done_ms, run.model_s)
+                self._answer(model, group, results, times, outcome)
+            self._count(model, run, outcome)
+
+    def _count(self, model: LoadedModel, run: BatchRun, outcome: Outcome) -> None:
         if run.model_failures:
             self.metrics.model_failures.inc(run.model_failures)
         if run.real_elements:

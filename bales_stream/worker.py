@@ -24,6 +24,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,7 +38,7 @@ from .control import FleetControl
 from .inference import InferenceExecutor
 from .metrics import Metrics
 from .model_config import load_models_file
-from .processing import BatchProcessor
+from .processing import MAX_BATCHES_PER_HANDOFF, BatchProcessor
 from .protocol import Request
 from .recovery import Recovery
 from .registry import ModelRegistry
@@ -56,6 +57,30 @@ QUEUE_PROBE_TIMEOUT_S = 1.0
 MIN_READ_COUNT = 32
 """Even with tiny batches, read at least this many per round trip: under overload the
 expired ones among them are shed at the cost of the read (they never wait for a slot)."""
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How a read loop reads: ``count`` entries a read, of which ``share`` are kept for each
+    lower priority level (see ``streams``), while fewer than ``buffer_limit`` requests per
+    batch key wait in the batcher."""
+
+    count: int
+    share: int
+    buffer_limit: int
+
+    @classmethod
+    def for_batches_of(cls, max_batch_size: int) -> ReadPlan:
+        """The plan for a largest batch of ``max_batch_size``. Larger reads under backlog
+        pay (fewer round trips). The buffer holds enough full batches for one grouped
+        hand-off (``processing.MAX_BATCHES_PER_HANDOFF``): its bound keeps the priority
+        decision close to the model and the memory use small."""
+        count = max(2 * max_batch_size, MIN_READ_COUNT)
+        return cls(
+            count,
+            max(1, count // LOWER_PRIORITY_SHARE_DIVISOR),
+            MAX_BATCHES_PER_HANDOFF * max_batch_size,
+        )
 
 
 class Worker:
@@ -96,11 +121,7 @@ class Worker:
             self.streams, settings, metrics, self.admission, self.completer, self.trouble
         )
         self.control = FleetControl(redis, settings, self.registry, metrics, self.status)
-        # Larger reads under backlog pay (fewer round trips); the buffer bound keeps the
-        # priority decision close to the model and the memory use small.
-        self.read_count = max(2 * settings.max_batch_size, MIN_READ_COUNT)
-        self.read_share = max(1, self.read_count // LOWER_PRIORITY_SHARE_DIVISOR)
-        self.buffer_limit = 2 * settings.max_batch_size
+        self.plan = ReadPlan.for_batches_of(settings.max_batch_size)
         self._read_deadline_s = settings.read_block_ms / 1000 + settings.redis_timeout_s
         self._model_in_flight: Counter[str] = Counter()
         self._slots = asyncio.Semaphore(settings.thread_pool_size)
@@ -171,9 +192,7 @@ class Worker:
                 else config.batch_window_ms,
             )
         largest = max(c.max_batch_size or self.settings.max_batch_size for c in configs)
-        self.read_count = max(2 * largest, MIN_READ_COUNT)
-        self.read_share = max(1, self.read_count // LOWER_PRIORITY_SHARE_DIVISOR)
-        self.buffer_limit = 2 * largest
+        self.plan = ReadPlan.for_batches_of(largest)
 
     async def _sync_control(self) -> None:
         """Serve the fleet's model versions before reading (a Redis hiccup here only delays
@@ -190,7 +209,7 @@ class Worker:
         await self.supervisor.cancel("batch")
         for batch in self.batcher.take_all():
             await self._slots.acquire()
-            self._dispatch(batch)
+            self._dispatch([batch])
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
 
@@ -282,14 +301,14 @@ class Worker:
         backoff_s = BACKOFF_START_S
         own_pending_answered = False
         while not self._stopping.is_set():
-            await self.batcher.wait_for_room(self.buffer_limit)
+            await self.batcher.wait_for_room(self.plan.buffer_limit)
             try:
                 async with bounded(self._read_deadline_s):
                     if not own_pending_answered:
                         await self._answer_own_pending(store)
                         own_pending_answered = True
                     entries = await store.read(
-                        self.read_count, self.read_share, self.settings.read_block_ms
+                        self.plan.count, self.plan.share, self.settings.read_block_ms
                     )
                     await self.admission.admit(entries)
             except RedisError as exc:
@@ -304,7 +323,7 @@ class Worker:
         """Entries delivered to this consumer name and not answered are answered first
         (except those it holds right now: a restarted read task finds them pending too)."""
         after: dict[int, str] = {}
-        while entries := await store.read_own_pending(after, self.read_count):
+        while entries := await store.read_own_pending(after, self.plan.count):
             for entry in entries:
                 after[entry.priority] = entry.entry_id
             orphans = [e for e in entries if not self.admission.holds(e)]
@@ -324,12 +343,14 @@ class Worker:
             except BaseException:
                 self._slots.release()
                 raise
-            self._dispatch(batch)
+            model_id = batch[0].model_id
+            more = self.processor.batches_per_handoff(model_id) - 1
+            self._dispatch([batch, *self.batcher.take_full(model_id, more)])
 
-    def _dispatch(self, batch: list[Request]) -> None:
-        """Start processing a batch that already holds an inference slot."""
-        self._model_in_flight[batch[0].model_id] += 1
-        self._spawn(self._process(batch))
+    def _dispatch(self, batches: list[list[Request]]) -> None:
+        """Start processing batches of one model that already hold an inference slot."""
+        self._model_in_flight[batches[0][0].model_id] += 1
+        self._spawn(self._process(batches))
 
     def _max_in_flight_per_model(self) -> int:
         """With several models served, one model may fill all but one inference slot, so a
@@ -338,16 +359,18 @@ class Worker:
             return 0
         return max(1, self.settings.thread_pool_size - 1)
 
-    async def _process(self, batch: list[Request]) -> None:
-        """Compute one batch, give back its inference slot, then write its replies and ack
-        in one fenced step (waiting on Redis never holds a slot)."""
-        batch_id = next(self._batch_ids)
-        _log_batch(batch_id, batch)
+    async def _process(self, batches: list[list[Request]]) -> None:
+        """Compute batches of one model, give back their inference slot, then write their
+        replies and ack in one fenced step (waiting on Redis never holds a slot)."""
+        batch_id = 0
+        for batch in batches:
+            batch_id = next(self._batch_ids)
+            _log_batch(batch_id, batch)
         try:
             try:
-                outcome = await self.processor.process(batch)
+                outcome = await self.processor.process(batches)
             finally:
-                self._model_in_flight[batch[0].model_id] -= 1
+                self._model_in_flight[batches[0][0].model_id] -= 1
                 self._slots.release()
                 self.batcher.wake()
             self.admission.release(outcome.failed)  # unleased: reclaimed after CLAIM_IDLE_MS
@@ -359,7 +382,8 @@ class Worker:
                 "batch %d failed; its entries are reclaimed after CLAIM_IDLE_MS", batch_id
             )
         finally:
-            self.admission.release(batch)  # answered, or unleased so that it is retried
+            for batch in batches:  # answered, or unleased so that it is retried
+                self.admission.release(batch)
 
     # ---- helpers ---------------------------------------------------------------------
 

@@ -182,3 +182,24 @@ async def test_every_item_comes_out_exactly_once(max_batch_size: int) -> None:
         assert 1 <= len(batch) <= max_batch_size
         seen += [item.name for item in batch]
     assert sorted(seen) == sorted(names)
+
+
+def test_take_full_takes_only_full_batches_of_the_model_by_priority() -> None:
+    batcher: Batcher[Item] = Batcher(max_batch_size=2, window_ms=10_000, aging_ms=10_000)
+    for i in range(5):  # two full batches and one left over in bucket 0
+        batcher.put(Item(f"a{i}", priority=2 if i < 3 else 0))
+    batcher.put(Item("b0", bucket=8))  # another key of the model: not full
+    batcher.put(Item("x0", model_id="other"))
+    batcher.put(Item("x1", model_id="other"))  # full, but of another model
+    batches = batcher.take_full("m", most=5)
+    assert [[item.name for item in batch] for batch in batches] == [["a3", "a4"], ["a0", "a1"]]
+    assert batcher.take_full("m", most=5) == []  # what is left is not full
+    assert len(batcher) == 4
+    assert batcher.take_full("other", most=0) == []
+
+
+def test_take_full_stops_at_most() -> None:
+    batcher: Batcher[Item] = Batcher(max_batch_size=1, window_ms=10_000, aging_ms=10_000)
+    for i in range(3):
+        batcher.put(Item(str(i)))
+    assert len(batcher.take_full("m", most=2)) == 2 and len(batcher) == 1

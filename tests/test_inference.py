@@ -11,6 +11,11 @@ import torch
 
 from bales_stream.inference import predict_requests
 from bales_stream.models import builtin_stub
+from bales_stream.processing import (
+    HANDOFF_BUDGET_S,
+    MAX_BATCHES_PER_HANDOFF,
+    batches_per_handoff,
+)
 from bales_stream.protocol import Request
 from bales_stream.replies import expired_completion
 
@@ -87,3 +92,20 @@ def test_an_expired_retry_says_an_earlier_delivery_went_unanswered() -> None:
         "an earlier delivery was not answered: the model raised on it"
         in (retry["error"]["message"])
     )
+
+
+@pytest.mark.parametrize(
+    ("cheapest_batch_s", "expected"),
+    [
+        (None, 1),  # not run yet: one batch at a time
+        (0.0, MAX_BATCHES_PER_HANDOFF),
+        (HANDOFF_BUDGET_S / 10, MAX_BATCHES_PER_HANDOFF),
+        (HANDOFF_BUDGET_S / 2, 2),
+        (HANDOFF_BUDGET_S / 1.5, 1),
+        (HANDOFF_BUDGET_S * 10, 1),  # a slow model never makes others wait behind it
+    ],
+)
+def test_a_fast_models_full_batches_share_a_handoff(
+    cheapest_batch_s: float | None, expected: int
+) -> None:
+    assert batches_per_handoff(cheapest_batch_s) == expected

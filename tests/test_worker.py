@@ -159,6 +159,32 @@ async def test_a_p0_request_does_not_wait_behind_a_p2_backlog(
     assert order.index("urgent") < 8, order[:16]
 
 
+async def test_under_a_backlog_full_batches_share_a_handoff_and_stay_model_sized(
+    service_factory, aredis, keys
+) -> None:
+    inbox = keys.inbox("grouped")
+    values = np.linspace(-1, 1, 128, dtype="<f4").tobytes()
+    async with aredis.pipeline(transaction=False) as pipe:
+        for i in range(400):
+            fields = {"request_id": f"g-{i}", "model_id": "stub_v1", "input": values}
+            pipe.xadd(keys.stream(1), {**fields, "encoding": "f32", "reply_to": inbox})
+        await pipe.execute()
+    async with service_factory(max_batch_size=4, thread_pool_size=1) as svc:
+        replies = [
+            json.loads((await aredis.blpop([inbox], timeout=REPLY_TIMEOUT_S))[1])
+            for _ in range(400)
+        ]
+        registry = svc.worker.metrics.registry
+        model_calls = registry.get_sample_value("bales_batch_size_count")
+        handoffs = registry.get_sample_value("bales_stage_seconds_count", {"stage": "model"})
+    assert sorted(r["request_id"] for r in replies) == sorted(f"g-{i}" for i in range(400))
+    assert {r["status"] for r in replies} == {"ok"}
+    assert max(r["batch_size"] for r in replies) == 4  # each model call stays in its limit
+    assert model_calls >= 100
+    assert handoffs < model_calls  # but several went to the executor at once
+    assert await pending_count(aredis, keys) == 0
+
+
 async def test_a_p0_flood_does_not_starve_a_p2_request(service_factory, aredis, keys) -> None:
     inbox = keys.inbox("order")
     async with aredis.pipeline(transaction=False) as pipe:
