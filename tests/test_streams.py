@@ -145,7 +145,7 @@ async def test_the_service_client_packs_commands_with_hiredis_as_redis_py_would(
     from redis.asyncio.connection import Connection
     from redis.exceptions import DataError
 
-    from bales_stream.service import connect
+    from bales_stream.service import connect  # packs with bales_producer.connection
 
     client = connect(redis_url)
     try:

@@ -22,6 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from . import wire
+from .connection import pack_with_hiredis
 from .core import (
     DEFAULT_TIMEOUT_S,
     REPLY_GRACE_S,
@@ -82,7 +83,9 @@ class AsyncClient:
         keys = wire.KeySpace(prefix, queue, priority_levels)
         self.core = ClientCore(keys, group=group, max_backlog=max_backlog, shards=shards)
         redis_class = RedisCluster if cluster or is_cluster_url(redis_url) else aioredis.Redis
-        self.redis = redis_class.from_url(plain_url(redis_url), socket_timeout=None)
+        self.redis = pack_with_hiredis(
+            redis_class.from_url(plain_url(redis_url), socket_timeout=None)
+        )
         self.inbox = self.core.keys.inbox(uuid.uuid4().hex)
         self._enqueue = self.redis.register_script(_ENQUEUE_LUA)
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
