@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from benchmarks import load, text_model
+import argparse
+from pathlib import Path
+
+from benchmarks import ab_drain, load, text_model
 
 
 async def test_open_loop_load_split_over_producer_processes_is_merged(redis_url, prefix) -> None:
@@ -35,3 +38,18 @@ async def test_the_text_model_benchmark_runs_the_loop_and_the_service_on_the_sam
     assert run.rate > 0 and run.consumer_us > 0 and run.redis_us > 0  # every reply came back
     assert 1 <= run.batch <= 8 and run.waste >= 0
     assert sum(len(b) for b in text_model.batches(items, 8)) == len(items)
+
+
+async def test_the_ab_drain_alternates_checkouts_and_drains_every_request() -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    args = argparse.Namespace(
+        contenders=[root, f"{root}|THREAD_POOL_SIZE=1"], rounds=2, consumers=1, requests=300
+    )
+    results = await ab_drain.run(args)  # returns once every entry of every round is acked
+    assert list(results) == [root, f"{root} THREAD_POOL_SIZE=1"]
+    for rounds in results.values():
+        assert len(rounds) == 2
+        assert all(
+            rate > 0 and consumers_us > 0 and redis_us > 0
+            for rate, consumers_us, redis_us in rounds
+        )
