@@ -243,7 +243,8 @@ class Metrics:
             "Where a request's time goes, by stage: redis (enqueue to read), memory (read to "
             "its batch's start), executor_queue (batch start to a pool thread taking it), "
             "model (in the pool thread), handback (pool thread to the event loop), completion "
-            "(the replies-and-ack round trip). redis and memory per request, the rest per batch.",
+            "(the replies-and-ack round trip). redis and memory per request, the rest per hand-off "
+            "(one or more batches).",
             ["stage"],
             STAGE_BUCKETS_S,
             self.registry,
