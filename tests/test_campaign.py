@@ -128,7 +128,10 @@ def safetensors_documents(draw: st.DrawFn) -> bytes:
     for name in draw(st.lists(st.sampled_from(TENSOR_NAMES), max_size=3, unique=True)):
         shape = draw(st.lists(st.integers(0, 140), max_size=3))
         dtype = draw(st.sampled_from(DTYPES))
-        tensors[name] = np.zeros(shape, dtype=dtype) + draw(st.sampled_from([0, 1, 7, -1]))
+        value = draw(st.sampled_from([0, 1, 7, -1]))
+        # an array even of shape [] (zeros + a number would be a numpy scalar there), and
+        # -1 wraps for the unsigned and bool dtypes instead of overflowing
+        tensors[name] = np.full(shape, value).astype(dtype)
     document = safetensors.numpy.save(tensors)
     lie = draw(st.sampled_from(["none", "none", "length", "data", "header"]))
     if lie == "length":
