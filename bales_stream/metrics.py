@@ -249,6 +249,8 @@ class Metrics:
             STAGE_BUCKETS_S,
             self.registry,
         )
+        for name in STAGES:  # present at 0 from the start, like the counters below
+            self.stage.observe_many((), name)
         self.input_elements = Counter(
             "bales_input_elements",
             "Input values given to the model, by model and kind: real (the requests' own) or "

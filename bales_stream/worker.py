@@ -362,9 +362,8 @@ class Worker:
     async def _process(self, batches: list[list[Request]]) -> None:
         """Compute batches of one model, give back their inference slot, then write their
         replies and ack in one fenced step (waiting on Redis never holds a slot)."""
-        batch_id = 0
-        for batch in batches:
-            batch_id = next(self._batch_ids)
+        batch_ids = [next(self._batch_ids) for _ in batches]
+        for batch_id, batch in zip(batch_ids, batches, strict=True):
             _log_batch(batch_id, batch)
         try:
             try:
@@ -379,7 +378,8 @@ class Worker:
             self.metrics.observe_stages(completion=time.monotonic() - completing_s)
         except Exception:  # not the model's fault (that is isolated): leave it to a retry
             log.exception(
-                "batch %d failed; its entries are reclaimed after CLAIM_IDLE_MS", batch_id
+                "batches %s failed; their entries are reclaimed after CLAIM_IDLE_MS",
+                ",".join(map(str, batch_ids)),
             )
         finally:
             for batch in batches:  # answered, or unleased so that it is retried

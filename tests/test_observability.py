@@ -159,3 +159,11 @@ def test_a_batch_histogram_counts_as_a_prometheus_histogram_does(seed: int) -> N
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value), key
+
+
+def test_every_stage_is_exported_at_zero_before_any_request() -> None:
+    from bales_stream.metrics import STAGES, Metrics
+
+    registry = Metrics().registry
+    for stage in STAGES:  # so rate() and increase() see the first observation
+        assert registry.get_sample_value("bales_stage_seconds_count", {"stage": stage}) == 0
