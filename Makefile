@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NODE_EXAMPLE := producers/examples/node
 
-.PHONY: help install redis node-deps run test test-fast lint format typecheck bench clean
+.PHONY: help install redis node-deps peers-venv run test test-fast lint format typecheck bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -28,10 +28,20 @@ node-deps:  ## install the Node.js example's dependencies (for its test)
 	  [ -d $(NODE_EXAMPLE)/node_modules ] || npm ci --prefix $(NODE_EXAMPLE) --no-audit --no-fund --silent; \
 	else echo "npm not found: the Node.js example test will be skipped"; fi
 
+PEERS_STAMP := .venv-peers/.installed-stamp
+$(PEERS_STAMP): pyproject.toml
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install --quiet --upgrade pip
+	.venv-peers/bin/python -m pip install --quiet torch==2.13.0
+	.venv-peers/bin/python -m pip install --quiet -e '.[peers]'
+	touch $(PEERS_STAMP)
+
+peers-venv: $(PEERS_STAMP)  ## .venv-peers: the Celery and arq peers of benchmarks.peers
+
 run: install redis  ## run the service with a demo (embedded Redis if none on localhost:6379)
 	$(BIN)/bales-stream serve --demo
 
-test: install redis node-deps  ## lint + the whole test suite (what CI runs)
+test: install redis node-deps peers-venv  ## lint + the whole test suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy bales_stream producers/bales_producer
@@ -49,7 +59,7 @@ format:  ## apply ruff's formatting and safe fixes
 typecheck:  ## mypy over the packages
 	$(BIN)/mypy bales_stream producers/bales_producer
 
-bench: install redis  ## the benchmark set of the README's Performance table (about 15 min)
+bench: install redis peers-venv  ## the benchmark set of the README's Performance table (about 15 min)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.profile_batcher --runs 3
 	$(BIN)/python -m benchmarks.load --mode saturate --payload f32
@@ -60,4 +70,4 @@ bench: install redis  ## the benchmark set of the README's Performance table (ab
 	$(BIN)/python -m benchmarks.vs_floor --rounds 3
 
 clean:  ## remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis $(NODE_EXAMPLE)/node_modules
+	rm -rf $(VENV) .venv-peers .pytest_cache .ruff_cache .mypy_cache .hypothesis $(NODE_EXAMPLE)/node_modules

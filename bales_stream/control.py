@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 
 from .errors import ModelLoadError
-from .metrics import Metrics
+from .metrics import RELOAD_FAILED, RELOAD_OK, Metrics
 from .model_config import MODEL_ID_PATTERN
 from .registry import ModelRegistry
 from .settings import Settings
@@ -124,9 +124,9 @@ class FleetControl:
         try:
             versions = await self.registry.reload(model_id, weights_path, sha256)
         except Exception:
-            self.metrics.reloads.labels(label, "failed").inc()
+            self.metrics.reloads.labels(label, RELOAD_FAILED).inc()
             raise
-        self.metrics.reloads.labels(label, "ok").inc()
+        self.metrics.reloads.labels(label, RELOAD_OK).inc()
         return versions
 
     async def sync(self) -> None:

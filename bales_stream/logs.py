@@ -8,11 +8,33 @@ add ``request_id``, ``entry_id``, ``priority``, ``batch_id`` and ``traceparent``
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 from pythonjsonlogger.json import JsonFormatter
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JSON_FIELDS = ("asctime", "levelname", "name", "message")
+
+
+def iso_time(record: logging.LogRecord) -> str:
+    """A record's time in ISO 8601, UTC, to the millisecond: ``2026-12-02T14:40:00.123Z``."""
+    moment = datetime.fromtimestamp(record.created, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _IsoTime:
+    """Mixin: ``asctime`` as ``iso_time`` (the logging module's default has no zone)."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso_time(record)
+
+
+class _TextFormatter(_IsoTime, logging.Formatter):
+    """``TEXT_FORMAT`` with ISO 8601 UTC times."""
+
+
+class _JsonFormatter(_IsoTime, JsonFormatter):
+    """One JSON object per line; ``time`` in ISO 8601 UTC."""
 
 
 class _ConsumerField(logging.Filter):
@@ -32,13 +54,13 @@ def configure_logging(level: str, log_format: str = "text", consumer: str = "") 
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(
-            JsonFormatter(
+            _JsonFormatter(
                 JSON_FIELDS,
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
                 timestamp=False,
             )
         )
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(_TextFormatter(TEXT_FORMAT))
     handler.addFilter(_ConsumerField(consumer))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

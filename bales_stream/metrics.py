@@ -8,11 +8,17 @@ import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 
+from bales_producer import wire
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from .streams import QueueStats
+
+UNKNOWN_LABEL = "_unknown"
+"""The model label of requests naming no served model (request text never becomes a label)."""
+RELOAD_OK, RELOAD_FAILED = "ok", "failed"
+RELOAD_OUTCOMES = (RELOAD_OK, RELOAD_FAILED)
 
 LATENCY_BUCKETS_S = (
     0.001,
@@ -320,8 +326,19 @@ class Metrics:
         self.model_info.clear()
         for model_id, version in versions.items():
             self.model_info.labels(model_id, version).set(1)
-            for kind in ("real", "padding"):  # at 0 from the start, for rate()
-                self.input_elements.labels(model_id, kind)
+            self._zero_series(model_id)
+        self._zero_series(UNKNOWN_LABEL)
+
+    def _zero_series(self, model_label: str) -> None:
+        """Every labelled series of a model, present at 0 from the start: ``increase()`` and
+        ``rate()`` then see its first event (a series born at 1 reads as no change)."""
+        for status in (wire.STATUS_OK, *wire.ERROR_CODES):
+            self.requests.labels(model_label, status)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(model_label, outcome)
+        if model_label != UNKNOWN_LABEL:
+            for kind in ("real", "padding"):
+                self.input_elements.labels(model_label, kind)
 
     def count_elements(self, model_id: str, real: int, padding: int) -> None:
         """Count a model call's input values: the requests' own, and the padding."""

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
+from .metrics import UNKNOWN_LABEL
 from .model_config import ModelConfig, stub_config
 from .models import LoadedModel, builtin_stub, load_model
 from .tensors import ModelSpec
 
 log = logging.getLogger(__name__)
 
-UNKNOWN_LABEL = "_unknown"
 RunBlocking = Callable[..., Awaitable[Any]]
 """``await run_blocking(fn, *args)`` runs ``fn`` in the worker's executor."""
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
-import torch
 from taskiq.serializers import JSONSerializer
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
-from bales_stream.models import LoadedModel, builtin_stub
+from . import peer_lanes
 
 REDIS_URL = os.environ["PEER_REDIS_URL"]
 QUEUE = os.environ.get("PEER_QUEUE", "bench-peer-taskiq")
@@ -30,13 +28,9 @@ broker = RedisStreamBroker(url=REDIS_URL, queue_name=QUEUE).with_result_backend(
         prefix_str=QUEUE,
     )
 )
-_model: list[LoadedModel] = []
 
 
 @broker.task(task_name="infer")
 def infer(values: list[float]) -> dict[str, Any]:
     """One request, one model call (taskiq runs sync tasks in its thread pool)."""
-    if not _model:
-        torch.set_num_threads(1)
-        _model.append(builtin_stub("stub_v1"))
-    return _model[0].predict_array(np.asarray([values], dtype=np.float32))[0]
+    return peer_lanes.predict(values)

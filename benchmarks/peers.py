@@ -1,15 +1,19 @@
 """bales-stream side by side with what a user would otherwise pick, in the same run.
 
-Three contenders serve the same stub model from the same redis-server, under the same
+Five contenders serve the same stub model from the same redis-server, under the same
 saturating load (``--in-flight`` requests outstanding, JSON inputs of 128 floats):
 
 * ``bales``: bales-stream as configured by default (dynamic batching, MAX_BATCH_SIZE=32);
 * ``bales-unbatched``: bales-stream with MAX_BATCH_SIZE=1 (what batching alone is worth);
 * ``taskiq``: a taskiq-redis worker (RedisStreamBroker, the model run once per task,
-  results in its Redis result backend, awaited with ``wait_result``).
+  results in its Redis result backend, awaited with ``wait_result``);
+* ``celery``: a Celery worker, Redis broker and result backend (``benchmarks/peer_celery.py``
+  says how it is tuned);
+* ``arq``: an arq worker (``benchmarks/peer_arq.py``).
 
 Each gets one worker process. Rounds alternate between contenders; medians are printed with
-the ratios to the peer. Needs the ``bench`` extra (``pip install -e '.[bench]'``).
+bales-stream's throughput ratio to each. Needs the ``bench`` extra (``pip install -e
+'.[bench]'``) and, for Celery and arq, ``make peers-venv`` (their drivers run there).
 Run: ``python -m benchmarks.peers --runs 3``.
 """
 
@@ -22,15 +26,15 @@ import os
 import signal
 import statistics
 import sys
-import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from taskiq.exceptions import TaskiqResultTimeoutError
 
 from bales_stream.embedded_redis import RedisServer
 
-from . import load
+from . import load, peer_lanes
 
 ROOT = load.ROOT
 
@@ -75,8 +79,9 @@ async def taskiq(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
     )
     await peer.broker.startup()
     try:
-        await _wait_for_worker(peer)
-        return await _saturate_taskiq(peer, args)
+        call = await _call(peer, args.poll_s)
+        await peer_lanes.wait_until_served(call, timeout_s=60)
+        return await peer_lanes.saturate(call, args.in_flight, args.duration_s)
     finally:
         await peer.broker.shutdown()
         await _stop(worker)
@@ -93,58 +98,36 @@ async def _stop(worker: asyncio.subprocess.Process, grace_s: float = 5) -> None:
         await worker.wait()
 
 
-async def _wait_for_worker(peer: Any, timeout_s: float = 60) -> None:
-    """The worker's consumer group starts at "$": send probes until one is answered."""
-    deadline_s = time.perf_counter() + timeout_s
-    while time.perf_counter() < deadline_s:
-        task = await peer.infer.kiq([0.0] * 128)
+async def _call(peer: Any, poll_s: float) -> Callable[[list[float]], Awaitable[bool]]:
+    """One taskiq request, awaited with ``wait_result``: True when it succeeded."""
+
+    async def call(values: list[float]) -> bool:
+        task = await peer.infer.kiq(values)
         try:
-            await task.wait_result(check_interval=0.05, timeout=2)
-            return
-        except TaskiqResultTimeoutError:  # the worker is not up yet
-            continue
-    raise TimeoutError("the taskiq worker did not answer within 60 s")
+            result = await task.wait_result(check_interval=poll_s, timeout=30)
+        except TaskiqResultTimeoutError:
+            return False
+        return not result.is_err
 
-
-async def _saturate_taskiq(peer: Any, args: argparse.Namespace) -> dict[str, Any]:
-    inputs = load.make_inputs(1024, "json")
-    latencies_ms: list[float] = []
-    errors = 0
-    deadline_s = time.perf_counter() + args.duration_s
-
-    async def lane(lane_id: int) -> None:
-        nonlocal errors
-        i = lane_id
-        while time.perf_counter() < deadline_s:
-            sent_s = time.perf_counter()
-            task = await peer.infer.kiq(inputs[i % len(inputs)])
-            result = await task.wait_result(check_interval=args.poll_s, timeout=30)
-            if result.is_err:
-                errors += 1
-            else:
-                latencies_ms.append((time.perf_counter() - sent_s) * 1000)
-            i += args.in_flight
-
-    started_s = time.perf_counter()
-    await asyncio.gather(*(lane(i) for i in range(args.in_flight)))
-    elapsed_s = time.perf_counter() - started_s
-    stats = load.percentiles(latencies_ms)
-    return {
-        "throughput": len(latencies_ms) / elapsed_s,
-        "p50_ms": stats.get("p50", 0.0),
-        "p99_ms": stats.get("p99", 0.0),
-        "errors": errors,
-    }
+    return call
 
 
 async def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     server = RedisServer().start()
-    rounds: dict[str, list[dict[str, Any]]] = {"bales": [], "bales-unbatched": [], "taskiq": []}
+    names = ["bales", "bales-unbatched", "taskiq", *peer_lanes.SUBPROCESS_PEERS]
+    if not peer_lanes.PEERS_PYTHON.exists():
+        print(
+            f"  {peer_lanes.PEERS_PYTHON} is missing (make peers-venv): Celery and arq are left out"
+        )
+        names = names[:3]
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     try:
         for n in range(args.runs):
             for name in rounds:
                 if name == "taskiq":
                     figures = await taskiq(server.url, args)
+                elif name in peer_lanes.SUBPROCESS_PEERS:
+                    figures = await peer_lanes.subprocess_peer(name, server.url, args)
                 else:
                     batch = 32 if name == "bales" else 1
                     figures = await bales(server.url, batch, args)
@@ -168,10 +151,11 @@ def report(rounds: dict[str, list[dict[str, Any]]]) -> None:
         name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         for name, runs in rounds.items()
     }
-    peer = medians["taskiq"]["throughput"]
+    bales_throughput = medians["bales"]["throughput"]
     print(f"=== peers: medians of {len(rounds['taskiq'])} runs ===")
     for name, figures in medians.items():
-        print(f"  {name:<16} {_cells(figures)}  x{figures['throughput'] / peer:5.1f} vs taskiq")
+        ratio = bales_throughput / figures["throughput"]
+        print(f"  {name:<16} {_cells(figures)}  bales-stream x{ratio:5.1f}")
 
 
 def main() -> None:

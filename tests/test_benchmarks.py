@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks import ab_drain, load, text_model
+import pytest
+
+from benchmarks import ab_drain, load, peer_lanes, text_model
 
 
 async def test_open_loop_load_split_over_producer_processes_is_merged(redis_url, prefix) -> None:
@@ -53,3 +55,15 @@ async def test_the_ab_drain_alternates_checkouts_and_drains_every_request() -> N
             rate > 0 and consumers_us > 0 and redis_us > 0
             for rate, consumers_us, redis_us in rounds
         )
+
+
+@pytest.mark.parametrize("name", peer_lanes.SUBPROCESS_PEERS)
+async def test_each_task_queue_peer_serves_the_stub_from_its_own_virtualenv(
+    redis_url, name
+) -> None:
+    """The Celery and arq peers of ``benchmarks.peers`` start a worker, answer every request
+    of a short saturating run and stop (``make test`` builds ``.venv-peers``)."""
+    args = argparse.Namespace(duration_s=1.0, in_flight=8, poll_s=0.01)
+    figures = await peer_lanes.subprocess_peer(name, redis_url, args)
+    assert figures["errors"] == 0
+    assert figures["throughput"] > 0 and figures["p99_ms"] >= figures["p50_ms"] > 0

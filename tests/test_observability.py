@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -32,6 +33,9 @@ def test_json_logs_carry_the_consumer_and_event_fields(capfd) -> None:
         "r-1",
         "1-0",
     )
+    stamped = datetime.fromisoformat(record["time"])  # ISO 8601, with its zone
+    assert record["time"].endswith("Z") and stamped.utcoffset() == timedelta(0)
+    assert abs((datetime.now(UTC) - stamped).total_seconds()) < 60
 
 
 @pytest.mark.parametrize(

@@ -360,3 +360,24 @@ async def test_a_pathological_reload_body_is_a_400_not_a_500(service, body) -> N
             "body must be" in (await response.json())["error"]
             or "sha256" in (await response.json())["error"]
         )
+
+
+async def test_labelled_counters_start_at_zero_so_the_first_failed_reload_is_an_increase(
+    service_factory, weights_dir
+) -> None:
+    """A series born at 1 reads as no change to increase()/rate(): every outcome of every
+    served model (and of unknown models) is exported at 0 before its first event."""
+    (weights_dir / "broken.pt").write_bytes(b"not a weights file")
+    async with service_factory(weights_dir=weights_dir) as svc:
+        text = (await get(svc.base_url + "/metrics"))[1]
+        for model in ("stub_v1", "_unknown"):
+            for status in ("ok", "invalid_request", "unknown_model", "expired", "internal"):
+                assert f'bales_requests_total{{model_id="{model}",status="{status}"}} 0.0' in text
+        assert 'bales_reloads_total{model_id="stub_v1",outcome="failed"} 0.0' in text
+        got_status, _ = await post(
+            svc.base_url + "/models/stub_v1/reload", {"weights_path": "broken.pt"}
+        )
+        assert got_status >= 400
+        text = (await get(svc.base_url + "/metrics"))[1]
+        assert 'bales_reloads_total{model_id="stub_v1",outcome="failed"} 1.0' in text
+        assert 'bales_reloads_total{model_id="stub_v1",outcome="ok"} 0.0' in text
