@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """The ``bales-stream`` command: serve, send, info, check, reload, config.
 
 Examples::
@@ -8,9 +9,12 @@ Examples::
     bales-stream send --input '[0.1, 0.2, ...]' --priority 0
     bales-stream info                  # per shard and priority: length, lag, pending, oldest age
     bales-stream info --watch 2        # ... refreshed every 2 s (Ctrl-C to stop)
+    bales-stream info --json           # the same figures as one JSON document
     bales-stream check                 # exit 0 if this host's consumer is ready, else 1
+    bales-stream check --json          # ... and say why as JSON
     bales-stream reload stub_v1 stub_v2.pt   # hot-reload a model fleet-wide (uses SIDECAR_TOKEN)
     bales-stream config                # effective settings, secrets masked
+    eval "$(register-python-argcomplete bales-stream)"   # shell completion (bash, zsh)
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-import redis
+import argcomplete
 
+from . import __version__
+from .errors import StartupError
 from .logs import configure_logging
 from .settings import Settings, SettingsError, load_settings
 
@@ -48,24 +54,34 @@ def _client(settings: Settings) -> Any:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run the service until SIGTERM/SIGINT."""
-    from .service import EventLoopUnavailable, serve
+    from .service import serve
 
+    return serve(settings, demo=args.demo)
+
+
+class UsageError(Exception):
+    """A command line the user can fix (exit status 2; the message says what to write)."""
+
+
+def _input_values(args: argparse.Namespace) -> list[Any]:
+    """``--input`` as a JSON array, or ``--random`` floats."""
+    if not args.input:
+        return [random.uniform(-1, 1) for _ in range(args.random)]
+    expected = "--input takes a JSON array of numbers, e.g. --input '[0.1, 0.2]'"
     try:
-        return serve(settings, demo=args.demo)
-    except EventLoopUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        values = json.loads(args.input)
+    except json.JSONDecodeError:
+        raise UsageError(f"{expected}; {args.input[:40]!r} is not JSON") from None
+    if not isinstance(values, list):
+        raise UsageError(f"{expected}; got a JSON {type(values).__name__}")
+    return values
 
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
-    """Send one request and print its reply as JSON (exit 1 on an error reply)."""
-    from bales_producer import ReplyError
+    """Send one request and print its reply as JSON (exit 1 on an error reply or none)."""
+    from bales_producer import Overloaded, ReplyError, RequestTimeout
 
-    values = (
-        json.loads(args.input)
-        if args.input
-        else [random.uniform(-1, 1) for _ in range(args.random)]
-    )
+    values = _input_values(args)
     with _client(settings) as client:
         try:
             reply = client.infer(
@@ -77,26 +93,44 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
         except ReplyError as exc:
             print(json.dumps(exc.reply, indent=2))
             return 1
+        except RequestTimeout:
+            _error(
+                f"no reply within {args.timeout_s:g} s: is a consumer running? "
+                "('bales-stream info' lists the group's consumers; --timeout-s waits longer)"
+            )
+            return 1
+        except Overloaded as exc:
+            _error(f"{exc} (the queue is over its backlog bound: retry later)")
+            return 1
     print(json.dumps(reply, indent=2))
     return 0
 
 
+def _error(message: str) -> None:
+    """One line on stderr, prefixed with the command's name."""
+    print(f"bales-stream: {message}", file=sys.stderr)
+
+
 def cmd_info(settings: Settings, args: argparse.Namespace) -> int:
-    """Print per shard and priority depth and the group's consumers (``--watch``: over and
-    over until SIGINT or SIGTERM)."""
+    """Print per shard and priority depth and the group's consumers (``--json``: as JSON;
+    ``--watch``: over and over until SIGINT or SIGTERM)."""
     if args.watch is None:
-        print(asyncio.run(queue_report(settings)))
+        report = asyncio.run(queue_report(settings))
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
     else:
-        asyncio.run(watch_queues(settings, args.watch))
+        asyncio.run(watch_queues(settings, args.watch, as_json=args.json))
     return 0
 
 
-async def watch_queues(settings: Settings, interval_s: float) -> None:
-    """Print ``queue_report`` every ``interval_s`` until SIGINT or SIGTERM.
+async def watch_queues(settings: Settings, interval_s: float, *, as_json: bool = False) -> None:
+    """Print the queue report every ``interval_s`` until SIGINT or SIGTERM.
 
-    The signals are handled by the event loop (not as ``KeyboardInterrupt``), so one that
-    lands in the middle of a report, of a Redis call or of a pause ends the watch at once
-    instead of being absorbed by a cancelled Redis call."""
+    A Redis error is shown in place of the report and the watch goes on (an outage is when
+    an operator watches). On a terminal each report replaces the last; into a pipe or a
+    file the reports follow each other, with no screen-control codes (``--json``: one JSON
+    document per line). The signals are handled by the event loop (not as
+    ``KeyboardInterrupt``), so one that lands in the middle of a report, of a Redis call or
+    of a pause ends the watch at once instead of being absorbed by a cancelled Redis call."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -109,8 +143,7 @@ async def watch_queues(settings: Settings, interval_s: float) -> None:
             if stop.is_set():
                 frame.cancel()
                 return
-            header = f"{time.strftime('%H:%M:%S')}  every {interval_s:g} s, Ctrl-C to stop"
-            print(f"\x1b[2J\x1b[H{header}\n\n{frame.result()}", flush=True)
+            print(_watch_frame(settings, frame, interval_s, as_json), flush=True)
             await asyncio.wait([stopped], timeout=interval_s)
             if stop.is_set():
                 return
@@ -118,10 +151,31 @@ async def watch_queues(settings: Settings, interval_s: float) -> None:
         stopped.cancel()
 
 
-async def queue_report(settings: Settings) -> str:
+def _watch_frame(
+    settings: Settings, frame: asyncio.Task[dict[str, Any]], interval_s: float, as_json: bool
+) -> str:
+    """One refresh of ``info --watch``: the report, or the Redis error in its place."""
+    import redis
+
+    error = frame.exception()
+    if error is not None and not isinstance(error, redis.RedisError | OSError):
+        raise error
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    problem = f"cannot reach Redis at {settings.redis_url_masked}: {error} (retrying)"
+    if as_json:
+        body = {"error": problem} if error is not None else frame.result()
+        return json.dumps({"time": now} | body)
+    text = problem if error is not None else format_report(frame.result())
+    header = f"{now}  every {interval_s:g} s, Ctrl-C to stop"
+    clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else "\n"
+    return f"{clear}{header}\n\n{text}"
+
+
+async def queue_report(settings: Settings) -> dict[str, Any]:
     """Per shard and priority: length, lag, pending and the age of the oldest waiting
     request (the figures the sidecar's /health and /metrics show); then the group's
-    consumers with their pending count (all shards) and idle time."""
+    consumers with their pending count (all shards) and idle time. The shape of ``info
+    --json`` (docs/operations.md)."""
     from .service import connect
     from .shards import ShardedStreams, shard_label
 
@@ -140,29 +194,57 @@ async def queue_report(settings: Settings) -> str:
         stats = await streams.queue_stats()
         consumers = await _group_consumers(redis_client, settings, streams.all_streams)
         nodes = {  # the primary holding each stream (the cluster client's slot map)
-            name: f"  {redis_client.get_node_from_key(name).name}"
+            name: redis_client.get_node_from_key(name).name
             for name in streams.all_streams
             if settings.cluster_mode
         }
     finally:
         await redis_client.aclose()
-    width = max(len(name) for name in streams.all_streams) + 2
-    lines = [
-        f"{'shard':<6}{'priority':<9}{'stream':<{width}}"
-        f"{'length':>8}{'lag':>8}{'pending':>9}{'oldest':>10}"
-        + ("  node" if settings.cluster_mode else "")
-    ]
+    queues = []
     for stat in stats:
         stream = streams.stream(stat.shard, stat.priority)
-        lag = "-" if stat.lag is None else stat.lag
-        age = "-" if stat.oldest_age_s is None else f"{stat.oldest_age_s:.1f}s"
-        lines.append(
-            f"{shard_label(stat.shard):<6}p{stat.priority:<8}{stream:<{width}}"
-            f"{stat.length:>8}{lag!s:>8}{stat.pending:>9}{age:>10}" + nodes.get(stream, "")
+        queues.append(
+            {
+                "shard": shard_label(stat.shard),
+                "priority": stat.priority,
+                "stream": stream,
+                "length": stat.length,
+                "lag": stat.lag,
+                "pending": stat.pending,
+                "oldest_age_s": stat.oldest_age_s,
+                "node": nodes.get(stream),
+            }
         )
-    lines.append(f"\nconsumers in group {settings.consumer_group!r}: {len(consumers)}")
-    for name, entry in sorted(consumers.items()):
-        lines.append(f"  {name:<40} pending {entry['pending']:>6}  idle {entry['idle']} ms")
+    return {
+        "group": settings.consumer_group,
+        "queues": queues,
+        "consumers": [
+            {"name": name, "pending": entry["pending"], "idle_ms": entry["idle"]}
+            for name, entry in sorted(consumers.items())
+        ],
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """``queue_report`` as the table ``info`` prints."""
+    cluster = any(q["node"] for q in report["queues"])
+    width = max((len(q["stream"]) for q in report["queues"]), default=6) + 2
+    lines = [
+        f"{'shard':<6}{'priority':<9}{'stream':<{width}}"
+        f"{'length':>8}{'lag':>8}{'pending':>9}{'oldest':>10}" + ("  node" if cluster else "")
+    ]
+    for q in report["queues"]:
+        lag = "-" if q["lag"] is None else q["lag"]
+        age = "-" if q["oldest_age_s"] is None else f"{q['oldest_age_s']:.1f}s"
+        lines.append(
+            f"{q['shard']:<6}p{q['priority']:<8}{q['stream']:<{width}}"
+            f"{q['length']:>8}{lag!s:>8}{q['pending']:>9}{age:>10}"
+            + (f"  {q['node']}" if cluster else "")
+        )
+    consumers = report["consumers"]
+    lines.append(f"\nconsumers in group {report['group']!r}: {len(consumers)}")
+    for c in consumers:
+        lines.append(f"  {c['name']:<40} pending {c['pending']:>6}  idle {c['idle_ms']} ms")
     return "\n".join(lines)
 
 
@@ -170,11 +252,13 @@ async def _group_consumers(
     redis_client: Any, settings: Settings, streams: list[str]
 ) -> dict[str, dict[str, Any]]:
     """Consumer name -> pending entries (all streams) and idle time (the least)."""
+    from redis import ResponseError
+
     consumers: dict[str, dict[str, Any]] = {}
     for stream in streams:
         try:
             found = await redis_client.xinfo_consumers(stream, settings.consumer_group)
-        except redis.ResponseError:
+        except ResponseError:
             continue  # no stream or no group yet
         for consumer in found:
             name = consumer["name"]
@@ -187,17 +271,36 @@ async def _group_consumers(
 
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
-    """Exit 0 if the sidecar says ready, else 1 (a container health check: no curl needed)."""
+    """Exit 0 if the sidecar says ready, else 1 (a container health check: no curl needed).
+    ``--json`` prints ``{"ready", "url", "status", "reasons"}`` on stdout either way."""
     url = args.url or f"http://127.0.0.1:{settings.port}/ready"
+    result: dict[str, Any] = {"ready": False, "url": url, "status": None, "reasons": []}
     try:
         with urllib.request.urlopen(url, timeout=args.timeout_s) as response:
-            print(f"ready ({response.status})")
-            return 0
+            result.update(ready=True, status=response.status)
     except urllib.error.HTTPError as exc:
-        print(f"not ready ({exc.code}): {exc.read().decode(errors='replace')}", file=sys.stderr)
+        body = exc.read().decode(errors="replace")
+        result.update(status=exc.code, reasons=_reasons(body))
     except (urllib.error.URLError, OSError) as exc:
-        print(f"not ready: cannot reach {url}: {exc}", file=sys.stderr)
-    return 1
+        reason = getattr(exc, "reason", exc)
+        result["reasons"] = [f"cannot reach {url}: {reason} (is the consumer running?)"]
+    if args.json:
+        print(json.dumps(result))
+    elif result["ready"]:
+        print(f"ready ({result['status']})")
+    else:
+        status = f" ({result['status']})" if result["status"] else ""
+        print(f"not ready{status}: {'; '.join(result['reasons'])}", file=sys.stderr)
+    return 0 if result["ready"] else 1
+
+
+def _reasons(body: str) -> list[str]:
+    """The reasons a /ready answer gives (its JSON ``reasons``, else its text)."""
+    try:
+        reasons = json.loads(body).get("reasons")
+    except (ValueError, AttributeError):
+        reasons = None
+    return [str(r) for r in reasons] if isinstance(reasons, list) else [body.strip()[:200]]
 
 
 def cmd_reload(settings: Settings, args: argparse.Namespace) -> int:
@@ -242,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("Examples::", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a consumer and its HTTP sidecar")
     serve.add_argument("--demo", action="store_true", help="send demo requests once ready")
@@ -269,10 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="refresh every SECONDS (default 2) until Ctrl-C",
     )
+    info.add_argument("--json", action="store_true", help="print JSON (see docs/operations.md)")
     info.set_defaults(func=cmd_info)
     check = sub.add_parser("check", help="exit 0 if the local consumer is ready, else 1")
     check.add_argument("--url", help="readiness URL (default http://127.0.0.1:$PORT/ready)")
     check.add_argument("--timeout-s", type=float, default=3.0)
+    check.add_argument("--json", action="store_true", help="print the verdict as JSON")
     check.set_defaults(func=cmd_check)
     reload = sub.add_parser("reload", help="hot-reload a model on every consumer")
     reload.add_argument("model_id", help="a served model, e.g. stub_v1")
@@ -288,26 +394,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _redis_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py's connection error or timeout (redis-py is imported only
+    by the commands that talk to Redis, so ``check`` starts fast)."""
+    redis = sys.modules.get("redis")
+    return redis is not None and isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bales-stream`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``bales-stream`` console script: every expected failure is one
+    line on stderr that says what to do (exit 1: the service or Redis; 2: the command)."""
+    parser = build_parser()
+    argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     try:
         settings = load_settings()
     except SettingsError as exc:
-        print(f"bales-stream: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     configure_logging(settings.log_level, settings.log_format, settings.consumer_name)
     try:
         return int(args.func(settings, args))
-    except redis.ConnectionError as exc:
-        print(
-            f"bales-stream: cannot reach Redis at {settings.redis_url_masked}: {exc}",
-            file=sys.stderr,
+    except StartupError as exc:
+        _error(str(exc))
+        return 1
+    except (UsageError, ValueError, TypeError) as exc:
+        _error(str(exc))
+        return 2
+    except Exception as exc:
+        if not _redis_unreachable(exc):
+            raise
+        _error(
+            f"cannot reach Redis at {settings.redis_url_masked}: {exc} "
+            "(is redis-server running there? REDIS_URL says where)"
         )
         return 1
-    except (ValueError, TypeError) as exc:
-        print(f"bales-stream: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # Ctrl-C outside a loop that handles it (e.g. while sending)
         return 130
 

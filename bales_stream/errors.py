@@ -52,3 +52,7 @@ class ModelLoadError(ServiceError):
         super().__init__(message)
         self.message = message
         self.http_status = http_status
+
+
+class StartupError(ServiceError):
+    """The service cannot start for a reason the operator can fix (the message says how)."""

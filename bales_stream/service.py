@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import signal
@@ -20,6 +21,7 @@ from bales_producer.core import is_cluster_url, plain_url
 from redis.asyncio.cluster import RedisCluster
 
 from .embedded_redis import RedisServer, is_listening
+from .errors import StartupError
 from .metrics import Metrics
 from .settings import DEFAULT_REDIS_URL, Settings
 from .sidecar import Sidecar
@@ -62,8 +64,12 @@ def connect(url: str, *, cluster: bool = False) -> Any:
     return pack_with_hiredis(aioredis.Redis.from_url(url, **options))
 
 
-class EventLoopUnavailable(RuntimeError):
+class EventLoopUnavailable(StartupError):
     """``EVENT_LOOP=uvloop`` where uvloop is not installed."""
+
+
+class SidecarPortTaken(StartupError):
+    """``HOST``:``PORT`` is already bound (by another consumer, say)."""
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -113,7 +119,7 @@ async def run_service(settings: Settings, *, demo: bool = False) -> int:
     )
     status = 0
     try:
-        await sidecar.start()
+        await _start_sidecar(sidecar)
         if await _start_unless_stopped(worker, stop):
             demo_task = asyncio.create_task(run_demo(url, settings)) if demo else None
             await _first(stop.wait(), worker.failed.wait())
@@ -132,6 +138,19 @@ async def run_service(settings: Settings, *, demo: bool = False) -> int:
             embedded.stop()
     log.info("bales-stream stopped")
     return status
+
+
+async def _start_sidecar(sidecar: Sidecar) -> None:
+    """Bind the sidecar; a taken port is a ``SidecarPortTaken`` that says what to change."""
+    try:
+        await sidecar.start()
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise SidecarPortTaken(
+            f"port {sidecar.port} on {sidecar.host} is taken (another bales-stream on this "
+            "host?): set PORT to a free port, or PORT=0 for any free one"
+        ) from None
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> None:

@@ -35,9 +35,12 @@ def default_consumer_name() -> str:
 
 
 class Settings(BaseSettings):
-    """Every setting of the service. Field ``x_y`` is read from variable ``X_Y``."""
+    """Every setting of the service. Field ``x_y`` is read from variable ``X_Y``, else from
+    a line ``X_Y=...`` of ``.env`` in the working directory (the environment wins)."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, env_file=".env"
+    )
 
     redis_url: SecretStr = SecretStr(DEFAULT_REDIS_URL)
     redis_cluster: bool = False
@@ -116,7 +119,7 @@ class Settings(BaseSettings):
 
     @property
     def redis_url_is_explicit(self) -> bool:
-        """True when ``REDIS_URL`` was given (env or override), not just defaulted."""
+        """True when ``REDIS_URL`` was given (environment, ``.env`` or override), not defaulted."""
         return "redis_url" in self.model_fields_set
 
     @property

@@ -34,9 +34,11 @@ SEED_DEFAULTS = {
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> pytest.MonkeyPatch:
+    """No setting in the environment, and a working directory without a ``.env``."""
     for name in SEED_DEFAULTS:
         monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)
     return monkeypatch
 
 
@@ -62,6 +64,23 @@ def test_environment_variables_are_read(clean_env) -> None:
     settings = load_settings()
     assert settings.max_batch_size == 64 and settings.enable_prometheus is False
     assert settings.log_level == "debug" and len(settings.keys.streams) == 5
+
+
+def test_a_dotenv_file_in_the_working_directory_is_read_and_the_environment_wins(
+    clean_env, tmp_path
+) -> None:
+    (tmp_path / ".env").write_text(
+        "# comments and blank lines are fine\n\nMAX_BATCH_SIZE=7\nPORT=9100\n"
+        "REDIS_URL=redis://:dotenv-secret@redis.internal:6380/0\n"
+    )
+    clean_env.setenv("PORT", "9200")
+    settings = load_settings()
+    assert settings.max_batch_size == 7  # from .env
+    assert settings.port == 9200  # the environment wins
+    assert settings.redis_url_is_explicit and "dotenv-secret" not in settings.redis_url_masked
+    (tmp_path / ".env").write_text("MAX_BATCH_SIZE=0\n")
+    with pytest.raises(SettingsError, match="MAX_BATCH_SIZE"):
+        load_settings()
 
 
 @pytest.mark.parametrize(
