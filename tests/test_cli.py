@@ -151,9 +151,9 @@ def test_a_second_serve_on_a_taken_port_is_one_line_naming_the_port(redis_url, p
     assert_one_line_error(result.stderr, f"port {port} on 127.0.0.1 is taken", "set PORT")
 
 
-async def test_info_watch_into_a_pipe_is_plain_text_and_survives_a_redis_outage(prefix) -> None:
-    server = RedisServer().start()
-    process = await asyncio.create_subprocess_exec(
+async def start_watch(redis_url: str, prefix: str) -> asyncio.subprocess.Process:
+    """``bales-stream info --watch 0.1`` as a real process, its output into a pipe."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bales_stream",
@@ -161,10 +161,28 @@ async def test_info_watch_into_a_pipe_is_plain_text_and_survives_a_redis_outage(
         "--watch",
         "0.1",
         cwd=ROOT,
-        env=service_env(server.url, prefix),
+        env=service_env(redis_url, prefix),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def test_info_watch_refreshes_until_interrupted(redis_url, prefix) -> None:
+    process = await start_watch(redis_url, prefix)
+    assert process.stdout is not None
+    frames = 0
+    async with asyncio.timeout(30):
+        while frames < 2:
+            line = await process.stdout.readline()
+            frames += "every 0.1 s, Ctrl-C to stop" in line.decode()
+    process.send_signal(signal.SIGINT)
+    async with asyncio.timeout(30):
+        assert await process.wait() == 0
+
+
+async def test_info_watch_into_a_pipe_is_plain_text_and_survives_a_redis_outage(prefix) -> None:
+    server = RedisServer().start()
+    process = await start_watch(server.url, prefix)
     assert process.stdout is not None
     seen: list[str] = []
 

@@ -270,30 +270,6 @@ async def test_info_shows_the_age_of_the_oldest_waiting_request(redis_url, prefi
     assert row[3] == "1"  # length
 
 
-async def test_info_watch_refreshes_until_interrupted(redis_url, prefix) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bales_stream",
-        "info",
-        "--watch",
-        "0.1",
-        cwd=ROOT,
-        env=service_env(redis_url, prefix),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    frames = 0
-    async with asyncio.timeout(30):
-        while frames < 2:
-            line = await process.stdout.readline()
-            frames += "every 0.1 s, Ctrl-C to stop" in line.decode()
-    process.send_signal(signal.SIGINT)
-    async with asyncio.timeout(30):
-        assert await process.wait() == 0
-
-
 def test_uvloop_asked_for_but_missing_is_a_clear_startup_error(monkeypatch) -> None:
     from bales_stream.service import EventLoopUnavailable, loop_factory
 
