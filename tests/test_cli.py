@@ -13,11 +13,10 @@ import sys
 
 import pytest
 import redis
-from aiohttp import web
 
 from bales_stream.embedded_redis import RedisServer, free_port
 
-from .conftest import ROOT
+from .conftest import ROOT, not_ready_sidecar
 from .test_service import cli, service_env
 
 INFO_QUEUE_FIELDS = {"shard", "priority", "stream", "length", "lag", "pending", "oldest_age_s"}
@@ -85,19 +84,8 @@ async def test_check_json_says_ready_not_ready_with_reasons_and_unreachable(
         "reasons": [],
     }
 
-    async def not_ready(_: web.Request) -> web.Response:
-        return web.json_response({"ready": False, "reasons": ["models not loaded"]}, status=503)
-
-    app = web.Application()
-    app.router.add_get("/ready", not_ready)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with not_ready_sidecar(["models not loaded"]) as port:
         busy = await asyncio.to_thread(cli, "check", "--json", env={**env, "PORT": str(port)})
-    finally:
-        await runner.cleanup()
     assert busy.returncode == 1
     assert json.loads(busy.stdout)["status"] == 503
     assert json.loads(busy.stdout)["reasons"] == ["models not loaded"]
