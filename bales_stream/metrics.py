@@ -9,7 +9,16 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 from bales_producer import wire
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -126,6 +135,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # the process (CPU, memory, open files), Python (version) and garbage collector series
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.requests = Counter(
             "bales_requests",
             "Requests answered, by model and outcome (ok or an error code).",

@@ -10,7 +10,8 @@ import json
 import logging
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
+from aiohttp.typedefs import Handler
+from prometheus_client.aiohttp import make_aiohttp_handler
 from redis.exceptions import RedisError
 
 from .errors import ModelLoadError
@@ -20,6 +21,7 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 WORKER_KEY: web.AppKey[Worker] = web.AppKey("worker", Worker)
+METRICS_HANDLER_KEY: web.AppKey[Handler] = web.AppKey("metrics_handler")
 
 
 def create_app(worker: Worker) -> web.Application:
@@ -29,6 +31,7 @@ def create_app(worker: Worker) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_post("/models/{model_id}/reload", reload_model)
+    app[METRICS_HANDLER_KEY] = make_aiohttp_handler(worker.metrics.registry)
     app.router.add_get("/metrics", metrics)
     return app
 
@@ -97,13 +100,15 @@ def _reload_body(text: str) -> tuple[str, str | None]:
     return body["weights_path"], sha256
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition (404 when ENABLE_PROMETHEUS is false)."""
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """Prometheus exposition (404 when ENABLE_PROMETHEUS is false), by prometheus_client's
+    own handler: the text format, or OpenMetrics when the scraper asks for it (Accept), gzip
+    when it accepts it."""
     worker = request.app[WORKER_KEY]
     if not worker.settings.enable_prometheus:
         return _problem(404, "metrics are disabled (ENABLE_PROMETHEUS=false)")
-    body = await worker.exposition()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    await worker.refresh_metrics()
+    return await request.app[METRICS_HANDLER_KEY](request)
 
 
 def _reload_refused_message(host: str) -> str:

@@ -281,11 +281,15 @@ class Worker:
         """Reload a model here and on every consumer (see ``control``)."""
         return await self.control.reload(model_id, weights_path, sha256)
 
-    async def exposition(self) -> bytes:
-        """The Prometheus text of this consumer's metrics, queue gauges refreshed."""
+    async def refresh_metrics(self) -> None:
+        """Bring the queue gauges and the served-models gauge up to date (before a scrape)."""
         await self.queue_report()
         served = self.registry.models()
         self.metrics.observe_models({model_id: m.version for model_id, m in served.items()})
+
+    async def exposition(self) -> bytes:
+        """The Prometheus text of this consumer's metrics, refreshed."""
+        await self.refresh_metrics()
         return self.metrics.exposition()
 
     def held(self) -> list[Held]:

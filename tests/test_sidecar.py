@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
 import logging
@@ -381,3 +382,26 @@ async def test_labelled_counters_start_at_zero_so_the_first_failed_reload_is_an_
         text = (await get(svc.base_url + "/metrics"))[1]
         assert 'bales_reloads_total{model_id="stub_v1",outcome="failed"} 1.0' in text
         assert 'bales_reloads_total{model_id="stub_v1",outcome="ok"} 0.0' in text
+
+
+async def test_metrics_speak_openmetrics_and_gzip_when_asked_and_carry_process_series(
+    service,
+) -> None:
+    url = service.base_url + "/metrics"
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        async with session.get(url, headers={"Accept-Encoding": "identity"}) as plain:
+            text = await plain.text()
+            assert plain.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        headers = {
+            "Accept": "application/openmetrics-text; version=1.0.0",
+            "Accept-Encoding": "identity",
+        }
+        async with session.get(url, headers=headers) as open_metrics:
+            assert open_metrics.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert (await open_metrics.text()).endswith("# EOF\n")
+        async with session.get(url, headers={"Accept-Encoding": "gzip"}) as zipped:
+            assert zipped.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(await zipped.read()).startswith(b"# HELP")
+    for series in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"):
+        assert series in text
+    assert 'python_gc_collections_total{generation="0"}' in text
