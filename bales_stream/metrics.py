@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from .shards import shard_label
 from .streams import QueueStats
 
 UNKNOWN_LABEL = "_unknown"
@@ -160,14 +161,15 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "bales_queue_depth",
-            "Entries not yet delivered to the consumer group (XINFO GROUPS lag), by priority.",
-            ["priority"],
+            "Entries not yet delivered to the consumer group (XINFO GROUPS lag), by priority "
+            "and shard (v1: the unsharded streams); no sample while Redis does not answer.",
+            ["priority", "shard"],
             registry=self.registry,
         )
         self.pending = Gauge(
             "bales_pending",
-            "Entries delivered to the group but not yet acked, by priority.",
-            ["priority"],
+            "Entries delivered to the group but not yet acked, by priority and shard.",
+            ["priority", "shard"],
             registry=self.registry,
         )
         self.queue_wait = BatchHistogram(
@@ -186,19 +188,22 @@ class Metrics:
         )
         self.queue_length = Gauge(
             "bales_queue_length",
-            "Entries in the request stream (XLEN: waiting, pending and answered-not-trimmed).",
-            ["priority"],
+            "Entries in the request stream (XLEN: waiting, pending and answered-not-trimmed), "
+            "by priority and shard.",
+            ["priority", "shard"],
             registry=self.registry,
         )
         self.oldest_age = Gauge(
             "bales_queue_oldest_age_seconds",
-            "Age of the oldest request not yet answered (0 when none waits), by priority.",
-            ["priority"],
+            "Age of the oldest request not yet answered (0 when none waits), by priority and "
+            "shard.",
+            ["priority", "shard"],
             registry=self.registry,
         )
         self.group_consumers = Gauge(
             "bales_group_consumers",
-            "Consumers the consumer group knows (largest over the priority streams).",
+            "Consumers the consumer group knows (largest over the streams this consumer "
+            "serves); NaN while Redis does not answer.",
             registry=self.registry,
         )
         self.model_info = Gauge(
@@ -321,18 +326,25 @@ class Metrics:
         self.requests.labels(model_label, status).inc(n)
 
     def observe_queues(self, stats: list[QueueStats]) -> None:
-        """Update the per-priority depth gauges: sums over the shards this consumer serves
-        (the oldest age is the largest); /health has the per-shard figures."""
-        by_priority: dict[int, list[QueueStats]] = {}
+        """Set the queue gauges, one series per priority and shard this consumer serves (a
+        fleet with ``SERVE_SHARDS`` partitions adds up without double counting:
+        ``sum by (priority) (max by (priority, shard) (...))``)."""
+        self.forget_queues()
         for stat in stats:
-            by_priority.setdefault(stat.priority, []).append(stat)
-        for priority, shards in by_priority.items():
-            label = str(priority)
-            self.queue_depth.labels(label).set(sum(s.lag or 0 for s in shards))
-            self.pending.labels(label).set(sum(s.pending for s in shards))
-            self.queue_length.labels(label).set(sum(s.length for s in shards))
-            self.oldest_age.labels(label).set(max(s.oldest_age_s or 0.0 for s in shards))
+            labels = (str(stat.priority), shard_label(stat.shard))
+            self.queue_depth.labels(*labels).set(stat.lag or 0)
+            self.pending.labels(*labels).set(stat.pending)
+            self.queue_length.labels(*labels).set(stat.length)
+            self.oldest_age.labels(*labels).set(stat.oldest_age_s or 0.0)
         self.group_consumers.set(max((s.consumers for s in stats), default=0))
+
+    def forget_queues(self) -> None:
+        """No queue figures: Redis did not answer. The gauges export no sample (and the
+        consumer count NaN) rather than their last values, so alerts see "unknown", not a
+        frozen backlog."""
+        for gauge in (self.queue_depth, self.pending, self.queue_length, self.oldest_age):
+            gauge.clear()
+        self.group_consumers.set(math.nan)
 
     def observe_models(self, versions: dict[str, str]) -> None:
         """Set the model info gauge to the served ``model_id -> version`` map."""

@@ -224,6 +224,7 @@ class Worker:
                 stats = await self.streams.queue_stats()
         except (RedisError, TimeoutError) as exc:
             self.status.last_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.forget_queues()
             return None
         self.metrics.observe_queues(stats)
         return [

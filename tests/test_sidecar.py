@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import yaml
 from bales_producer import AsyncClient
 
+from bales_stream.embedded_redis import RedisServer
 from bales_stream.metrics import Metrics
 from bales_stream.models import load_stub_file
 from bales_stream.sidecar import Sidecar
@@ -82,8 +83,8 @@ async def test_metrics_expose_the_required_series(service, redis_url, prefix) ->
     for name in (
         "bales_request_latency_seconds_bucket",
         "bales_batch_size_bucket",
-        'bales_queue_depth{priority="0"}',
-        'bales_pending{priority="2"}',
+        'bales_queue_depth{priority="0",shard="0"}',
+        'bales_pending{priority="2",shard="0"}',
     ):
         assert name in text
 
@@ -405,3 +406,29 @@ async def test_metrics_speak_openmetrics_and_gzip_when_asked_and_carry_process_s
     for series in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"):
         assert series in text
     assert 'python_gc_collections_total{generation="0"}' in text
+
+
+async def test_queue_gauges_go_unknown_while_redis_is_down_instead_of_freezing(
+    service_factory,
+) -> None:
+    """A frozen backlog gauge would keep an alert quiet (or firing) through an outage."""
+    server = RedisServer().start()
+    try:
+        async with service_factory(redis_url=server.url) as svc:
+            text = (await get(svc.base_url + "/metrics"))[1]
+            assert 'bales_queue_depth{priority="1",shard="0"} 0.0' in text
+            assert "bales_group_consumers 1.0" in text
+            server.stop()
+            text = (await get(svc.base_url + "/metrics"))[1]
+            assert (
+                "bales_queue_depth{" not in text and "bales_queue_oldest_age_seconds{" not in text
+            )
+            assert "bales_group_consumers NaN" in text
+            server = RedisServer(port=server.port).start()
+            await wait_for(lambda: _has(svc.base_url, 'bales_queue_depth{priority="1",shard="0"}'))
+    finally:
+        server.stop()
+
+
+async def _has(base_url: str, series: str) -> bool:
+    return series in (await get(base_url + "/metrics"))[1]
