@@ -14,13 +14,14 @@ import logging
 from bales_producer import wire
 from redis.exceptions import RedisError
 
+from .backoff import Backoff
 from .metrics import Metrics
 from .protocol import read_envelope
 from .registry import ModelRegistry
 from .replies import Completion, error_completion
 from .settings import Settings
 from .shards import ShardedStreams, shard_label
-from .status import BACKOFF_START_S, RedisTrouble, next_backoff_s
+from .status import RedisTrouble
 from .streams import Completed, StreamEntry, bounded, is_permanent
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Completer:
 
     async def complete(self, completions: list[Completion]) -> None:
         """Write replies and ack (the script is idempotent, so a retry repeats nothing)."""
-        backoff_s = BACKOFF_START_S
+        backoff = Backoff()
         for attempt in range(1, COMPLETION_ATTEMPTS + 1):
             if not completions:
                 return
@@ -67,8 +68,7 @@ class Completer:
                         exc,
                     )
                     return
-                await self.trouble.back_off(exc, backoff_s)
-                backoff_s = next_backoff_s(backoff_s)
+                await self.trouble.back_off(exc, backoff.next_s())
                 continue
             self.trouble.answered()
             self._count(done)

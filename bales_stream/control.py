@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 
+from .backoff import Backoff
 from .errors import ModelLoadError
 from .metrics import RELOAD_FAILED, RELOAD_OK, Metrics
 from .model_config import MODEL_ID_PATTERN
@@ -30,7 +31,9 @@ from .status import WorkerStatus
 
 log = logging.getLogger(__name__)
 
-RESUBSCRIBE_BACKOFF_S = 1.0
+RESUBSCRIBE_BACKOFF_MAX_S = 30.0
+"""The longest wait between two tries to resubscribe (the waits double up to it); the hash
+is synced on each resubscription, so nothing announced meanwhile is missed."""
 MAX_RECORD_BYTES = 4096
 
 
@@ -162,17 +165,27 @@ class FleetControl:
     async def listen(self) -> None:
         """Follow announcements until cancelled (resubscribing after a Redis error; the
         hash is synced after each subscription, for anything missed meanwhile)."""
+        backoff = Backoff(max_s=RESUBSCRIBE_BACKOFF_MAX_S)
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.keys.control_channel)
                     await self.sync()  # anything announced while we were not listening
+                    if backoff.failures:
+                        log.info("control channel back after %d failed tries", backoff.failures)
+                    backoff.reset()
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             await self._on_message(message["data"])
             except RedisError as exc:
-                log.warning("control channel lost (%s); resubscribing", exc)
-                await asyncio.sleep(RESUBSCRIBE_BACKOFF_S)
+                wait_s = backoff.next_s()
+                log.warning(
+                    "control channel lost (%s); resubscribing in %.1f s (try %d)",
+                    exc,
+                    wait_s,
+                    backoff.failures,
+                )
+                await asyncio.sleep(wait_s)
 
     async def _on_message(self, data: bytes) -> None:
         try:

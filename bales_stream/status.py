@@ -18,9 +18,6 @@ from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 5.0
-
 
 @dataclass
 class WorkerStatus:
@@ -76,11 +73,6 @@ class WorkerStatus:
             and not self.stopping
             and not self.problems
         )
-
-
-def next_backoff_s(backoff_s: float) -> float:
-    """The backoff after ``backoff_s``: doubled, at most ``BACKOFF_MAX_S``."""
-    return min(backoff_s * 2, BACKOFF_MAX_S)
 
 
 class RedisTrouble:

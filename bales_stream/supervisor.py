@@ -20,12 +20,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from .backoff import BACKOFF_START_S, delay_s
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 5.0
 CRASH_WINDOW_S = 60.0
 MAX_CRASHES = 5
 """Crashes of one task inside ``CRASH_WINDOW_S`` after which the process gives up."""
@@ -84,7 +83,7 @@ class Supervisor:
                 log.critical("task %s cannot stay up; giving up: the process exits", name)
                 self.failed.set()
                 return
-            backoff_s = min(BACKOFF_START_S * 2 ** (crashes - 1), BACKOFF_MAX_S)
+            backoff_s = delay_s(crashes, BACKOFF_START_S)
             log.info("restarting task %s in %.1f s", name, backoff_s)
             await asyncio.sleep(backoff_s)
 

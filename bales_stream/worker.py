@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .admission import Admission
+from .backoff import Backoff
 from .batcher import Batcher
 from .clock import REFRESH_S, RedisClock
 from .completion import Completer
@@ -44,7 +45,7 @@ from .recovery import Recovery
 from .registry import ModelRegistry
 from .settings import Settings
 from .shards import UNSHARDED, Held, ShardedStreams, shard_label
-from .status import BACKOFF_START_S, RedisTrouble, WorkerStatus, next_backoff_s
+from .status import RedisTrouble, WorkerStatus
 from .streams import StreamStore, bounded
 from .supervisor import Supervisor
 
@@ -303,7 +304,7 @@ class Worker:
         """Read one shard's streams until stopped (one loop per served shard: a blocking
         read cannot span shards on a cluster). Starts with this consumer's own pending
         entries, so a restart (of the task or of the process) answers what it had taken."""
-        backoff_s = BACKOFF_START_S
+        backoff = Backoff()
         own_pending_answered = False
         while not self._stopping.is_set():
             await self.batcher.wait_for_room(self.plan.buffer_limit)
@@ -318,10 +319,9 @@ class Worker:
                     await self.admission.admit(entries)
             except RedisError as exc:
                 self.trouble.stands(f"read:{store.shard}", exc)
-                await self.trouble.back_off(exc, backoff_s)
-                backoff_s = next_backoff_s(backoff_s)
+                await self.trouble.back_off(exc, backoff.next_s())
                 continue
-            backoff_s = BACKOFF_START_S
+            backoff.reset()
             self.trouble.answered(f"read:{store.shard}")
 
     async def _answer_own_pending(self, store: StreamStore) -> None:
@@ -393,7 +393,7 @@ class Worker:
     # ---- helpers ---------------------------------------------------------------------
 
     async def _join_group(self) -> None:
-        backoff_s = BACKOFF_START_S
+        backoff = Backoff()
         while True:
             try:
                 async with bounded(self.settings.redis_timeout_s):
@@ -401,8 +401,7 @@ class Worker:
                     await self.clock.sync(self.streams.redis_time_ms)
                 break
             except RedisError as exc:
-                await self.trouble.back_off(exc, backoff_s)
-                backoff_s = next_backoff_s(backoff_s)
+                await self.trouble.back_off(exc, backoff.next_s())
         self.status.group_joined = self.status.redis_ok = True
         log.info(
             "joined group %s as %s on %s",
