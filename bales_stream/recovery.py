@@ -100,10 +100,18 @@ class Recovery:
             await self.admission.admit(retry, retried=True)
 
     async def trim(self) -> None:
-        """Trim every stream below the oldest entry the group still needs."""
+        """Trim every stream below the oldest entry the group still needs, and remove dead
+        consumers (idle past ``DEAD_CONSUMER_IDLE_S`` with nothing pending) from the group."""
         trimmed = await self.streams.trim()
         if trimmed:
             log.debug("trimmed %d answered entries", trimmed)
+        idle_ms = int(self.settings.dead_consumer_idle_s * 1000)
+        for name in await self.streams.forget_dead_consumers(idle_ms):
+            log.info(
+                "removed consumer %s from the group: idle over %.0f s with nothing pending",
+                name,
+                self.settings.dead_consumer_idle_s,
+            )
 
     async def _every(self, interval_s: float, tick: Callable[[], Awaitable[None]]) -> None:
         """Run ``tick`` every ``interval_s``; a Redis error is retried next tick, and one that

@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     claim_idle_ms: int = Field(5000, ge=50)
     max_deliveries: int = Field(3, ge=1)
     trim_interval_s: float = Field(5.0, gt=0)
+    dead_consumer_idle_s: float = Field(300.0, ge=1)
     redis_timeout_s: float = Field(5.0, gt=0)
 
     @property

@@ -133,6 +133,13 @@ class ShardedStreams:
         """Trim every served shard's streams (see ``StreamStore.trim``)."""
         return sum([await store.trim() for store in self.stores.values()])
 
+    async def forget_dead_consumers(self, idle_ms: int) -> list[str]:
+        """Dead consumers removed on every served shard (see ``StreamStore``)."""
+        removed: list[str] = []
+        for store in self.stores.values():
+            removed += await store.forget_dead_consumers(idle_ms)
+        return removed
+
     async def forget_consumer_if_idle(self) -> bool:
         """Leave the group on every served shard where this consumer holds nothing."""
         forgotten = [await store.forget_consumer_if_idle() for store in self.stores.values()]

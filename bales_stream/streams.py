@@ -475,6 +475,29 @@ class StreamStore:
         ms, seq = min(needed)
         return f"{ms}-{seq}"
 
+    async def forget_dead_consumers(self, idle_ms: int) -> list[str]:
+        """Remove from the group every other consumer idle more than ``idle_ms`` on each
+        request stream and holding no pending entry (a SIGKILLed consumer that nobody will
+        restart under its name): the group's consumer count is then the live ones. The
+        pending check and the removal are one script (``scripts.FORGET_LUA``), so an entry
+        delivered meanwhile is never dropped with its consumer."""
+        idle: dict[str, int] = {}
+        for stream in self.keys.streams:
+            try:
+                consumers = await self.redis.xinfo_consumers(stream, self.group)
+            except ResponseError:
+                continue  # no stream or no group yet
+            for consumer in consumers:
+                name = consumer["name"]
+                name = name.decode() if isinstance(name, bytes) else name
+                idle[name] = min(idle.get(name, consumer["idle"]), consumer["idle"])
+        dead = [name for name, ms in idle.items() if ms > idle_ms and name != self.consumer]
+        return [
+            name
+            for name in dead
+            if await self._forget(keys=self.keys.streams, args=[self.group, name])
+        ]
+
     async def forget_consumer_if_idle(self) -> bool:
         """Remove this consumer from the group, atomically, only if it holds no pending entry
         on any stream (after a clean stop), so consumer names do not pile up."""

@@ -206,3 +206,34 @@ async def test_a_batch_that_fails_outside_the_model_is_retried_not_stuck(
         assert (await reply_of(aredis, keys, "unlucky"))["status"] == "ok"
         assert failures and svc.worker.metrics.reclaimed._value.get() == 1
     assert await pending_count(aredis, keys) == 0
+
+
+async def test_dead_consumers_holding_nothing_leave_the_group_and_the_count_is_the_live_ones(
+    service_factory, aredis: aioredis.Redis, keys: KeySpace
+) -> None:
+    """A SIGKILLed consumer stays in the group for ever unless someone removes it: the live
+    ones remove those idle past DEAD_CONSUMER_IDLE_S with nothing pending, never one that
+    still holds an entry (that one is reclaimed first)."""
+    await xadd(aredis, keys, request_id="held-by-ghost", timeout_ms="600000")
+    for priority in range(3):
+        await aredis.xgroup_create(keys.stream(priority), "bales", id="0", mkstream=True)
+    assert await aredis.xreadgroup("bales", "ghost-holding", {keys.stream(1): ">"}, count=1)
+    for priority in range(3):  # joins every stream's group, takes nothing
+        await aredis.xreadgroup("bales", "ghost-empty", {keys.stream(priority): ">"}, count=1)
+    settings = {"dead_consumer_idle_s": 1, "trim_interval_s": 0.2, "claim_idle_ms": 600_000}
+    async with service_factory(**settings) as svc:
+
+        async def members() -> set[str]:
+            return {
+                c["name"].decode() for c in await aredis.xinfo_consumers(keys.stream(1), "bales")
+            }
+
+        # a live consumer idle on every stream may be removed too: its next read (every
+        # READ_BLOCK_MS) puts it back, so the group ends up with the live ones
+        expected = {"ghost-holding", svc.settings.consumer_name}
+        await wait_for(lambda: _are(members, expected), timeout_s=30)
+        assert (await aredis.xpending(keys.stream(1), "bales"))["pending"] == 1  # kept
+
+
+async def _are(members, expected: set[str]) -> bool:
+    return await members() == expected
