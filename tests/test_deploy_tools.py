@@ -22,6 +22,8 @@ import pytest
 import yaml
 
 from bales_stream.embedded_redis import free_port
+from bales_stream.settings import load_settings
+from tools import make_keda
 
 from .conftest import ROOT, not_ready_sidecar
 
@@ -160,3 +162,40 @@ async def test_the_image_health_check_passes_when_ready_and_fails_otherwise(serv
     assert await asyncio.to_thread(probe, free_port()) != 0  # nothing listening
     async with not_ready_sidecar(["shutting down"]) as port:
         assert await asyncio.to_thread(probe, port) != 0  # up but not ready
+
+
+FLEET_DEFAULTS = {
+    "key_prefix": "bales",
+    "queue_name": "requests",
+    "priority_levels": 3,
+    "shards": 1,
+    "consumer_group": "bales",
+    "redis_url": "redis://localhost:6379/0",
+}
+
+
+def test_the_shipped_keda_file_is_what_the_generator_prints_for_the_defaults() -> None:
+    shipped = (DEPLOY / "k8s/keda.yaml").read_text()
+    assert shipped == make_keda.render(load_settings(**FLEET_DEFAULTS))
+
+
+@pytest.mark.parametrize(
+    "fleet",
+    [{"shards": 3}, {"shards": 2, "priority_levels": 5}, {"redis_cluster": True, "shards": 4}],
+)
+def test_the_generated_keda_objects_watch_every_stream_of_a_sharded_fleet(fleet) -> None:
+    settings = load_settings(**FLEET_DEFAULTS | fleet)
+    documents = list(yaml.safe_load_all(make_keda.render(settings)))
+    for document in documents:
+        jsonschema.validate(document, crd_schema(KEDA_SCHEMAS[document["kind"]]))
+    triggers = next(d for d in documents if d["kind"] == "ScaledObject")["spec"]["triggers"]
+    every_stream = {
+        f"bales:{{requests.{shard}}}:p{priority}" if settings.keys.shards > 1 else ""
+        for shard in range(settings.keys.shards)
+        for priority in range(settings.keys.priority_levels)
+    }
+    for threshold in ("lagCount", "pendingEntriesCount"):
+        watched = {t["metadata"]["stream"] for t in triggers if threshold in t["metadata"]}
+        assert watched == every_stream, threshold
+    scaler = "redis-cluster-streams" if fleet.get("redis_cluster") else "redis-streams"
+    assert {t["type"] for t in triggers} == {scaler}
