@@ -7,7 +7,9 @@
      |                      (.code is a public wire code: invalid_request, unknown_model, expired)
      +-- Unanswerable       an entry without a usable request_id: it goes to the dead-letter stream
      +-- ModelLoadError     a model file could not be loaded; the old model keeps serving
-                            (.http_status says how the sidecar answers a reload)
+     |                      (.http_status says how the sidecar answers a reload)
+     +-- StartupError       the service cannot start, for a reason the operator can fix
+                            (EVENT_LOOP=uvloop without uvloop, the sidecar's port taken)
 
 Server-side failures are not exceptions of this module: a batch that fails outside the
 model is left pending and retried (see ``worker``); an unexpected failure on one entry while
