@@ -71,6 +71,7 @@ bench: install redis peers-venv  ## the benchmark set of the README's Performanc
 	$(BIN)/python -m benchmarks.priority --runs 3
 	$(BIN)/python -m benchmarks.peers --runs 3
 	$(BIN)/python -m benchmarks.vs_floor --rounds 3
+	$(BIN)/python -m benchmarks.sync_client --rounds 3
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .venv-peers .pytest_cache .ruff_cache .mypy_cache .hypothesis $(NODE_EXAMPLE)/node_modules

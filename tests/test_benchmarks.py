@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ab_drain, load, peer_lanes, text_model
+from benchmarks import ab_drain, load, peer_lanes, sync_client, text_model
 
 
 async def test_open_loop_load_split_over_producer_processes_is_merged(redis_url, prefix) -> None:
@@ -67,3 +67,10 @@ async def test_each_task_queue_peer_serves_the_stub_from_its_own_virtualenv(
     figures = await peer_lanes.subprocess_peer(name, redis_url, args)
     assert figures["errors"] == 0
     assert figures["throughput"] > 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
+
+
+async def test_the_sync_client_benchmark_answers_every_request_both_ways() -> None:
+    rounds = await sync_client.run(argparse.Namespace(rounds=1, requests=40))
+    assert set(rounds) == {"infer", "submit-all"}
+    for (figures,) in rounds.values():
+        assert figures["req_s"] > 0 and figures["cpu_us"] > 0
