@@ -17,7 +17,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from bales_producer.connection import pack_with_hiredis
-from bales_producer.core import is_cluster_url, plain_url
+from bales_producer.wire import is_cluster_url, plain_url
 from redis.asyncio.cluster import RedisCluster
 
 from .embedded_redis import RedisServer, is_listening

@@ -15,7 +15,6 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from bales_producer import wire
-from bales_producer.core import is_cluster_url
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -93,7 +92,7 @@ class Settings(BaseSettings):
     @property
     def cluster_mode(self) -> bool:
         """Talk to a Redis Cluster: ``REDIS_CLUSTER=true`` or a ``redis+cluster://`` URL."""
-        return self.redis_cluster or is_cluster_url(self.redis_url.get_secret_value())
+        return self.redis_cluster or wire.is_cluster_url(self.redis_url.get_secret_value())
 
     @model_validator(mode="after")
     def _check_served_shards(self) -> Settings:

@@ -31,10 +31,11 @@ import numpy as np
 from bales_producer import AsyncClient, BalesError
 from prometheus_client.parser import text_string_to_metric_families
 
-from bales_stream.embedded_redis import LocalCluster, RedisServer, free_port
+from bales_stream.embedded_redis import RedisServer, free_port
 
 from .fault_harness import wait_ready
 from .faults import cpu_seconds
+from .local_cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 

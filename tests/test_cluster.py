@@ -19,7 +19,6 @@ import redis.asyncio as aioredis
 from bales_producer import AsyncClient, KeySpace
 from redis.asyncio.cluster import RedisCluster
 
-from bales_stream.embedded_redis import LocalCluster
 from bales_stream.metrics import Metrics
 from bales_stream.models import builtin_stub
 from bales_stream.replies import Completion
@@ -27,6 +26,7 @@ from bales_stream.service import connect
 from bales_stream.settings import Settings, load_settings
 from bales_stream.streams import StreamEntry, StreamStore
 from bales_stream.worker import Worker
+from benchmarks.local_cluster import LocalCluster
 
 from .conftest import ROOT, wait_for
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bales_producer import KeySpace
+
+from benchmarks.train_digits import held_out_split
 
 from .conftest import ROOT
 
@@ -120,3 +123,14 @@ async def test_the_digits_example_reports_its_accuracy(service_factory, redis_ur
     assert code == 0, err
     assert "digits_v1 (digits_mlp-a84d1996e8e4): 437/450 correct = 0.9711 accuracy" in out
     assert "digits_cnn (digits_cnn-fe0bd9bcc91f): 443/450 correct = 0.9844 accuracy" in out
+
+
+def test_the_digits_example_holds_out_what_the_shipped_models_were_not_trained_on() -> None:
+    """The example stands alone (no import of the repository's benchmarks), so its split is
+    its own copy: it must stay the training script's."""
+    spec = importlib.util.spec_from_file_location("digits_example", EXAMPLES / "digits_example.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for mine, trained in zip(example.held_out_split(), held_out_split(), strict=True):
+        np.testing.assert_array_equal(mine, trained)

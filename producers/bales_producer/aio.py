@@ -29,8 +29,6 @@ from .core import (
     ClientCore,
     OutgoingRequest,
     backlog_from_replies,
-    is_cluster_url,
-    plain_url,
 )
 from .errors import BalesError, RequestTimeout
 
@@ -82,9 +80,9 @@ class AsyncClient:
         (once, before the first send)."""
         keys = wire.KeySpace(prefix, queue, priority_levels)
         self.core = ClientCore(keys, group=group, max_backlog=max_backlog, shards=shards)
-        redis_class = RedisCluster if cluster or is_cluster_url(redis_url) else aioredis.Redis
+        redis_class = RedisCluster if cluster or wire.is_cluster_url(redis_url) else aioredis.Redis
         self.redis = pack_with_hiredis(
-            redis_class.from_url(plain_url(redis_url), socket_timeout=None)
+            redis_class.from_url(wire.plain_url(redis_url), socket_timeout=None)
         )
         self.inbox = self.core.keys.inbox(uuid.uuid4().hex)
         self._enqueue = self.redis.register_script(_ENQUEUE_LUA)

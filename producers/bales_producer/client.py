@@ -14,8 +14,6 @@ from .core import (
     ClientCore,
     OutgoingRequest,
     backlog_from_replies,
-    is_cluster_url,
-    plain_url,
 )
 from .errors import RequestTimeout
 
@@ -50,8 +48,8 @@ class Client:
         self.core = ClientCore(keys, group=group, max_backlog=max_backlog, shards=shards)
         # socket_timeout=None: blocking reads carry their own timeout, and redis-py's 5 s
         # default would cut a long BLPOP short.
-        redis_class = RedisCluster if cluster or is_cluster_url(redis_url) else redis.Redis
-        url = plain_url(redis_url)
+        redis_class = RedisCluster if cluster or wire.is_cluster_url(redis_url) else redis.Redis
+        url = wire.plain_url(redis_url)
         self.redis = redis_client or redis_class.from_url(url, socket_timeout=None)
 
     def submit(self, model_id: str, values: Any = None, **options: Any) -> str:

@@ -18,7 +18,6 @@ from typing import Any
 from . import wire
 from .errors import Overloaded, reply_error
 
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 """URL schemes that name one node of a Redis Cluster, and the plain scheme redis-py takes."""
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -50,17 +49,6 @@ def new_request_id() -> str:
     first reply written to a reply key wins, so an id another client could predict would
     let it answer (or read) someone else's request (about 0.7 µs; a fork changes nothing)."""
     return os.urandom(16).hex()
-
-
-def is_cluster_url(url: str) -> bool:
-    """True for a ``redis+cluster://`` (or ``rediss+cluster://``) URL."""
-    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
-
-
-def plain_url(url: str) -> str:
-    """The URL redis-py takes: ``redis+cluster://h:p`` becomes ``redis://h:p``."""
-    scheme, sep, rest = url.partition("://")
-    return CLUSTER_SCHEMES.get(scheme.lower(), scheme) + sep + rest
 
 
 def _is_array(value: Any) -> bool:

@@ -177,3 +177,18 @@ class KeySpace:
         """True when ``key`` names an inbox of this key space with a valid name."""
         prefix = self.inbox_prefix
         return key.startswith(prefix) and is_valid_request_id(key[len(prefix) :])
+
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes that name one node of a Redis Cluster, and the scheme redis-py takes."""
+
+
+def is_cluster_url(url: str) -> bool:
+    """True for a ``redis+cluster://`` (or ``rediss+cluster://``) URL."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def plain_url(url: str) -> str:
+    """The URL redis-py takes: ``redis+cluster://h:p`` becomes ``redis://h:p``."""
+    scheme, sep, rest = url.partition("://")
+    return CLUSTER_SCHEMES.get(scheme.lower(), scheme) + sep + rest
