@@ -22,8 +22,8 @@ from prometheus_client import (
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from .queues import QueueStats
 from .shards import shard_label
-from .streams import QueueStats
 
 UNKNOWN_LABEL = "_unknown"
 """The model label of requests naming no served model (request text never becomes a label)."""

@@ -20,8 +20,9 @@ from typing import Any
 from bales_producer import wire
 
 from .cluster_nodes import NodeClients
+from .queues import QueueStats
 from .replies import Completion
-from .streams import Completed, QueueStats, StreamEntry, StreamStore, complete_on_cluster
+from .streams import Completed, StreamEntry, StreamStore, complete_on_cluster
 
 log = logging.getLogger(__name__)
 

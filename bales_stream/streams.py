@@ -22,7 +22,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import scripts
 from .cluster_nodes import NodeClients
-from .protocol import MAX_FIELD_BYTES, MAX_FIELD_NAME_BYTES, MAX_FIELDS, entry_time_ms
+from .protocol import MAX_FIELD_BYTES, MAX_FIELD_NAME_BYTES, MAX_FIELDS
+from .queues import QueueStats, queue_stats
 from .replies import Completion
 
 log = logging.getLogger(__name__)
@@ -97,23 +98,6 @@ class Reclaimed:
     entries: list[StreamEntry]
     deliveries: dict[str, int]
     """entry id -> times delivered (including this claim)."""
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    """Depth of one priority stream as the consumer group sees it."""
-
-    priority: int
-    length: int
-    lag: int | None
-    """Entries not yet delivered to the group (None when Redis cannot tell)."""
-    pending: int
-    """Entries delivered but not yet acked."""
-    consumers: int = 0
-    """Consumers the group knows on this stream."""
-    oldest_age_s: float | None = None
-    """How long the oldest unanswered request has waited (None: nothing waits)."""
-    shard: int = 0
 
 
 @contextlib.asynccontextmanager
@@ -504,65 +488,8 @@ class StreamStore:
         return bool(await self._forget(keys=self.keys.streams, args=[self.group, self.consumer]))
 
     async def queue_stats(self) -> list[QueueStats]:
-        """Length, lag, pending, consumers and the oldest waiting request's age of every
-        priority stream for our group (two pipelined round trips)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.keys.streams:
-                pipe.xlen(stream)
-                pipe.xinfo_groups(stream)
-            results = await pipe.execute(raise_on_error=False)
-        groups = [self._find_group(results[2 * p + 1]) for p in range(self.keys.priority_levels)]
-        oldest_ms, now_ms = await self._oldest_waiting_ms(groups)
-        stats = []
-        for priority, group in enumerate(groups):
-            length = results[2 * priority]
-            oldest = oldest_ms[priority]
-            stats.append(
-                QueueStats(
-                    priority,
-                    int(length) if isinstance(length, int) else 0,
-                    group.get("lag") if group else None,
-                    int(group.get("pending", 0)) if group else 0,
-                    int(group.get("consumers", 0)) if group else 0,
-                    None if oldest is None else max(0.0, now_ms - oldest) / 1000,
-                    self.shard,
-                )
-            )
-        return stats
-
-    async def _oldest_waiting_ms(
-        self, groups: list[dict[str, Any] | None]
-    ) -> tuple[list[int | None], float]:
-        """Per stream, the enqueue time (entry ID ms) of the oldest unanswered request: the
-        oldest pending entry, else the first not yet delivered; and Redis's clock now."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, group in zip(self.keys.streams, groups, strict=True):
-                if group is not None and int(group.get("pending", 0)):
-                    pipe.xpending(stream, self.group)
-                else:
-                    after = _text(group.get("last-delivered-id")) if group else "0-0"
-                    pipe.xrange(stream, min=f"({after}", count=1)
-            answers = await pipe.execute(raise_on_error=False)
-        seconds, micros = await self.redis.time()  # not in the pipeline: Redis Cluster refuses
-        oldest: list[int | None] = []
-        for answer in answers:
-            if isinstance(answer, dict):
-                first = answer.get("min")
-            elif isinstance(answer, list) and answer:
-                first = answer[0][0]
-            else:
-                first = None
-            oldest.append(None if first is None else entry_time_ms(_text(first)))
-        return oldest, seconds * 1000 + micros / 1000
-
-    def _find_group(self, groups: object) -> dict[str, Any] | None:
-        if not isinstance(groups, list):
-            return None
-        for group in groups:
-            name = group.get("name")
-            if (name.decode() if isinstance(name, bytes) else name) == self.group:
-                return group
-        return None
+        """This shard's queue statistics for our group (see ``queues.queue_stats``)."""
+        return await queue_stats(self.redis, self.keys, self.group, self.shard)
 
     async def redis_time_ms(self) -> float:
         """The Redis server's clock, in ms since the epoch."""
