@@ -176,33 +176,33 @@ async def queue_report(settings: Settings) -> dict[str, Any]:
     request (the figures the sidecar's /health and /metrics show); then the group's
     consumers with their pending count (all shards) and idle time. The shape of ``info
     --json`` (docs/operations.md)."""
+    from .queues import queue_stats
     from .service import connect
-    from .shards import ShardedStreams, shard_label
+    from .shards import serving_plan, shard_label
 
-    keys = settings.keys
+    plan = serving_plan(settings.keys, tuple(range(settings.keys.shards)))
+    streams = {
+        (shard, p): space.stream(p)
+        for shard, space in plan.items()
+        for p in range(space.priority_levels)
+    }
     redis_client = connect(settings.redis_url.get_secret_value(), cluster=settings.cluster_mode)
     try:
-        streams = ShardedStreams(
-            redis_client,
-            keys,
-            tuple(range(keys.shards)),
-            settings.consumer_group,
-            "bales-stream-info",
-            1,
-            settings.cluster_mode,
-        )
-        stats = await streams.queue_stats()
-        consumers = await _group_consumers(redis_client, settings, streams.all_streams)
+        stats = []
+        for shard, space in plan.items():
+            stats += await queue_stats(redis_client, space, settings.consumer_group, shard)
+        names = list(streams.values())
+        consumers = await _group_consumers(redis_client, settings, names)
         nodes = {  # the primary holding each stream (the cluster client's slot map)
             name: redis_client.get_node_from_key(name).name
-            for name in streams.all_streams
+            for name in names
             if settings.cluster_mode
         }
     finally:
         await redis_client.aclose()
     queues = []
     for stat in stats:
-        stream = streams.stream(stat.shard, stat.priority)
+        stream = streams[stat.shard, stat.priority]
         queues.append(
             {
                 "shard": shard_label(stat.shard),
