@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NODE_EXAMPLE := producers/examples/node
 
-.PHONY: help install redis prometheus node-deps peers-venv run test test-fast lint format typecheck bench clean
+.PHONY: help install redis prometheus node-deps peers-venv run test test-unit test-fast lint format typecheck bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ test: install redis prometheus node-deps peers-venv  ## lint + the whole test su
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy bales_stream producers/bales_producer
 	$(BIN)/pytest -q
+
+test-unit: install  ## the unit tier: logic that needs no redis-server, in seconds
+	$(BIN)/pytest -q -m unit
 
 test-fast: install redis  ## the suite without the slow tests
 	$(BIN)/pytest -q -m "not slow"

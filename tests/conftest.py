@@ -28,6 +28,14 @@ from bales_stream.worker import Worker
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The unit tier (``-m unit``) must run with no redis-server: a unit test that asks,
+    even through another fixture, for the test server is a collection error."""
+    for item in items:
+        if item.get_closest_marker("unit") and "redis_server" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but needs redis_server")
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A redis-server on a free port, for the whole session."""

@@ -8,7 +8,11 @@ import graphlib
 import re
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT
+
+pytestmark = pytest.mark.unit  # no redis-server: the unit tier (make test-unit)
 
 SERVICE = ROOT / "bales_stream"
 PRODUCER = ROOT / "producers" / "bales_producer"

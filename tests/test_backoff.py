@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bales_stream.backoff import BACKOFF_MAX_S, BACKOFF_START_S, Backoff, delay_s
+
+pytestmark = pytest.mark.unit  # no redis-server: the unit tier (make test-unit)
 
 
 def test_waits_double_up_to_the_cap_and_start_over_after_a_success() -> None:

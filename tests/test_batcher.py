@@ -10,6 +10,8 @@ import pytest
 
 from bales_stream.batcher import Batcher
 
+pytestmark = pytest.mark.unit  # no redis-server: the unit tier (make test-unit)
+
 
 @dataclass(frozen=True)
 class Item:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from bales_producer import KeySpace, wire
 
 from bales_stream.settings import Settings
 
 from .conftest import ROOT
+
+pytestmark = pytest.mark.unit  # no redis-server: the unit tier (make test-unit)
 
 WIRE_DOC = (ROOT / "docs" / "wire-format.md").read_text()
 README = (ROOT / "README.md").read_text()

@@ -19,6 +19,8 @@ from bales_stream.processing import (
 from bales_stream.protocol import Request
 from bales_stream.replies import expired_completion
 
+pytestmark = pytest.mark.unit  # no redis-server: the unit tier (make test-unit)
+
 POISON = 42.0
 
 

@@ -13,6 +13,8 @@ from bales_stream.model_config import load_models_file
 from bales_stream.model_types import Classification, Embedding, Regression, make_model_type
 from bales_stream.tensors import Batch, ModelOutputs
 
+pytestmark = pytest.mark.unit  # no redis-server: the unit tier (make test-unit)
+
 
 class Doubler:
     """A user's own model type, plugged in by import path."""

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from bales_stream.errors import RequestRejected, Unanswerable
 from bales_stream.protocol import Limits, ModelSpec, decode_request, entry_time_ms, read_envelope
 
+pytestmark = pytest.mark.unit  # no redis-server: the unit tier (make test-unit)
+
 KEYS = KeySpace()
 SPEC = ModelSpec("stub_v1", "classification", (128,))
 GRID = ModelSpec("grid", "classification", (2, 3))

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from bales_stream import supervisor as supervision
 from bales_stream.metrics import Metrics
 from bales_stream.supervisor import Supervisor
 
 from .conftest import wait_for
+
+pytestmark = pytest.mark.unit  # no redis-server: the unit tier (make test-unit)
 
 
 class FakeClock:

@@ -15,6 +15,8 @@ from bales_stream.errors import RequestRejected
 from bales_stream.inputs import decode_inputs, read_reply_encoding
 from bales_stream.tensors import ModelSpec, TensorSpec, bucket_of, collate
 
+pytestmark = pytest.mark.unit  # no redis-server: the unit tier (make test-unit)
+
 TEXTLIKE = ModelSpec(
     "enc",
     "tensor",
