@@ -6,7 +6,9 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from bales_producer import KeySpace
 
+from bales_stream.embedded_redis import RedisServer
 from benchmarks.train_digits import held_out_split
 
 from .conftest import ROOT
@@ -134,3 +137,44 @@ def test_the_digits_example_holds_out_what_the_shipped_models_were_not_trained_o
     spec.loader.exec_module(example)
     for mine, trained in zip(example.held_out_split(), held_out_split(), strict=True):
         np.testing.assert_array_equal(mine, trained)
+
+
+def python_blocks(path: Path) -> list[tuple[str, str]]:
+    """(info string, code) of every fenced Python block: ``python`` blocks run as pasted,
+    ``python fragment`` blocks are excerpts (a hub model, names defined elsewhere)."""
+    return re.findall(r"^```(python[^\n]*)\n(.*?)^```$", path.read_text(), re.M | re.S)
+
+
+def test_every_python_block_of_the_docs_runs_or_says_it_is_a_fragment() -> None:
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for info, _ in python_blocks(path):
+            assert info in ("python", "python fragment"), (path, info)
+    assert [info for info, _ in python_blocks(ROOT / "README.md")].count("python") >= 1
+
+
+async def test_the_readme_python_block_runs_as_pasted(service_factory, tmp_path) -> None:
+    """Against a consumer serving weights/models.toml on a Redis of its own (the block uses
+    the default key prefix); only the Redis URL is changed."""
+    (code,) = [code for info, code in python_blocks(ROOT / "README.md") if info == "python"]
+    server = RedisServer().start()
+    try:
+        async with service_factory(
+            redis_url=server.url,
+            key_prefix="bales",
+            models_config=ROOT / "weights" / "models.toml",
+        ):
+            script = tmp_path / "readme_block.py"
+            script.write_text(code.replace("redis://localhost:6379/0", server.url))
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, str(script)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "'label'" in lines[0] and lines[1].startswith("invalid_request ")
+    assert lines[2].startswith("100 {")  # 100 replies, then the digit's result
