@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from .batcher import Batcher
 from .clock import RedisClock
 from .completion import Completer
+from .dead_letters import DeadLetters
 from .errors import RequestRejected, Unanswerable
 from .metrics import Metrics
 from .protocol import Envelope, Limits, Request, decode_request, entry_time_ms, read_envelope
@@ -45,6 +46,7 @@ class Admission:
         clock: RedisClock,
         metrics: Metrics,
         completer: Completer,
+        dead_letters: DeadLetters,
     ) -> None:
         self.keys = settings.keys
         self.limits = Limits(round(settings.batcher_timeout_s * 1000), settings.max_input_bytes)
@@ -53,6 +55,7 @@ class Admission:
         self.clock = clock
         self.metrics = metrics
         self.completer = completer
+        self.dead_letters = dead_letters
         self._held: dict[Held, None] = {}
 
     def held(self) -> list[Held]:
@@ -90,7 +93,7 @@ class Admission:
         try:
             envelope = self._envelope(entry)
         except Unanswerable as exc:
-            await self.completer.dead_letter(entry, exc.reason)
+            await self.dead_letters.move(entry, exc.reason)
             return None
         try:
             request = decode_request(
@@ -137,7 +140,7 @@ class Admission:
         try:
             envelope = self._envelope(entry)
         except Exception:
-            await self.completer.dead_letter(entry, f"the service failed on this entry ({problem})")
+            await self.dead_letters.move(entry, f"the service failed on this entry ({problem})")
             return None
         self.metrics.count(self.registry.metric_label(envelope.model_id), wire.ERROR_INTERNAL)
         message = f"the service failed on this request ({problem}); it was not computed"

@@ -4,25 +4,23 @@ One home for what happens once an entry's outcome is known: ``complete`` writes 
 acks in one fenced step (``streams``), retried at most ``COMPLETION_ATTEMPTS`` times on
 transient Redis errors and never on a permanent one, so a batch never loops on Redis; what
 cannot be completed stays pending, to be reclaimed after CLAIM_IDLE_MS and dead-lettered
-after MAX_DELIVERIES. ``dead_letter`` and ``give_up`` move entries to the dead-letter stream.
+after MAX_DELIVERIES (``dead_letters``).
 """
 
 from __future__ import annotations
 
 import logging
 
-from bales_producer import wire
 from redis.exceptions import RedisError
 
 from .backoff import Backoff
 from .metrics import Metrics
-from .protocol import read_envelope
 from .registry import ModelRegistry
-from .replies import Completion, error_completion
+from .replies import Completion
 from .settings import Settings
-from .shards import ShardedStreams, shard_label
+from .shards import ShardedStreams
 from .status import RedisTrouble
-from .streams import Completed, StreamEntry, bounded, is_permanent
+from .streams import Completed, bounded, is_permanent
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ CLAIM_IDLE_MS and dead-lettered after MAX_DELIVERIES, never retried forever."""
 
 
 class Completer:
-    """Writes replies, acks, and dead letters for one consumer."""
+    """Writes replies and acks for one consumer."""
 
     def __init__(
         self,
@@ -87,51 +85,3 @@ class Completer:
             )
             self.metrics.undeliverable.labels("reply").inc(done.bad_reply_keys)
             self.metrics.undeliverable.labels("inbox").inc(done.bad_inboxes)
-
-    async def dead_letter(
-        self, entry: StreamEntry, reason: str, reply: Completion | None = None
-    ) -> None:
-        """Move an entry to its shard's dead-letter stream, acked (with ``reply``, its
-        client's error reply is written in the same step)."""
-        log.warning(
-            "dead-lettering entry %s of p%d: %s",
-            entry.entry_id,
-            entry.priority,
-            reason,
-            extra={"entry_id": entry.entry_id, "priority": entry.priority},
-        )
-        recorded = await self.streams.dead_letter(entry, reason, reply)
-        self.trouble.status.report(
-            f"dead-letter:{entry.shard}",
-            None
-            if recorded
-            else f"the dead-letter stream of shard {shard_label(entry.shard)} cannot take "
-            f"records (a key of another type?): entry {entry.entry_id} of p{entry.priority} "
-            "was acked without a record",
-        )
-        self.metrics.dead_letters.inc()
-
-    async def give_up(self, entry: StreamEntry, deliveries: int) -> None:
-        """Dead-letter an entry delivered MAX_DELIVERIES times without an answer (the model
-        raised on it, or the consumer holding it stopped: a request that kills its consumer
-        is poison too), and tell its client."""
-        reason = (
-            f"delivered {deliveries - 1} times without an answer (MAX_DELIVERIES="
-            f"{self.settings.max_deliveries}); moved to "
-            f"{self.streams.store(entry.shard).keys.dead_letter}"
-        )
-        try:
-            envelope = read_envelope(
-                entry.entry_id,
-                entry.fields,
-                entry.priority,
-                self.settings.keys,
-                entry.shard,
-                entry.withheld,
-            )
-        except Exception:  # no usable request_id: nobody to tell
-            await self.dead_letter(entry, reason)
-            return
-        reply = error_completion(envelope, wire.ERROR_DEAD_LETTER, reason)
-        await self.dead_letter(entry, reason, reply)
-        self.metrics.count(self.registry.metric_label(envelope.model_id), wire.ERROR_DEAD_LETTER)

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from redis.exceptions import RedisError
 
 from .admission import Admission
-from .completion import Completer
+from .dead_letters import DeadLetters
 from .metrics import Metrics
 from .settings import Settings
 from .shards import ShardedStreams
@@ -44,14 +44,14 @@ class Recovery:
         settings: Settings,
         metrics: Metrics,
         admission: Admission,
-        completer: Completer,
+        dead_letters: DeadLetters,
         trouble: RedisTrouble,
     ) -> None:
         self.streams = streams
         self.settings = settings
         self.metrics = metrics
         self.admission = admission
-        self.completer = completer
+        self.dead_letters = dead_letters
         self.trouble = trouble
         self._cursors = {
             (shard, priority): "0-0"
@@ -94,7 +94,7 @@ class Recovery:
             for entry in orphans:
                 deliveries = claimed.deliveries.get(entry.entry_id, 1)
                 if deliveries > self.settings.max_deliveries:
-                    await self.completer.give_up(entry, deliveries)
+                    await self.dead_letters.give_up(entry, deliveries)
                 else:
                     retry.append(entry)
             await self.admission.admit(retry, retried=True)

@@ -36,6 +36,7 @@ from .batcher import Batcher
 from .clock import REFRESH_S, RedisClock
 from .completion import Completer
 from .control import FleetControl
+from .dead_letters import DeadLetters
 from .inference import InferenceExecutor
 from .metrics import Metrics
 from .model_config import load_models_file
@@ -115,11 +116,18 @@ class Worker:
         self._stopping = asyncio.Event()
         self.trouble = RedisTrouble(self.status, metrics, self.streams, self._stopping)
         self.completer = Completer(self.streams, settings, metrics, self.trouble, self.registry)
+        self.dead_letters = DeadLetters(self.streams, settings, metrics, self.status, self.registry)
         self.admission = Admission(
-            settings, self.registry, self.batcher, self.clock, metrics, self.completer
+            settings,
+            self.registry,
+            self.batcher,
+            self.clock,
+            metrics,
+            self.completer,
+            self.dead_letters,
         )
         self.recovery = Recovery(
-            self.streams, settings, metrics, self.admission, self.completer, self.trouble
+            self.streams, settings, metrics, self.admission, self.dead_letters, self.trouble
         )
         self.control = FleetControl(redis, settings, self.registry, metrics, self.status)
         self.plan = ReadPlan.for_batches_of(settings.max_batch_size)
