@@ -11,7 +11,6 @@ The rest go to the batcher and are held (leased, see ``recovery``) until answere
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 from bales_producer import wire
 from redis.exceptions import RedisError
@@ -21,12 +20,12 @@ from .clock import RedisClock
 from .completion import Completer
 from .dead_letters import DeadLetters
 from .errors import RequestRejected, Unanswerable
+from .leases import Leases
 from .metrics import Metrics
 from .protocol import Envelope, Limits, Request, decode_request, entry_time_ms, read_envelope
 from .registry import ModelRegistry
 from .replies import Completion, error_completion, expired_completion
 from .settings import Settings
-from .shards import Held
 from .streams import StreamEntry
 
 log = logging.getLogger(__name__)
@@ -47,6 +46,7 @@ class Admission:
         metrics: Metrics,
         completer: Completer,
         dead_letters: DeadLetters,
+        leases: Leases,
     ) -> None:
         self.keys = settings.keys
         self.limits = Limits(round(settings.batcher_timeout_s * 1000), settings.max_input_bytes)
@@ -56,20 +56,7 @@ class Admission:
         self.metrics = metrics
         self.completer = completer
         self.dead_letters = dead_letters
-        self._held: dict[Held, None] = {}
-
-    def held(self) -> list[Held]:
-        """(shard, priority, entry id) of every entry admitted and not yet answered."""
-        return list(self._held)
-
-    def holds(self, entry: StreamEntry) -> bool:
-        """True while ``entry`` is admitted and not yet answered."""
-        return (entry.shard, entry.priority, entry.entry_id) in self._held
-
-    def release(self, requests: Iterable[Request]) -> None:
-        """Forget requests that were answered, or are left pending for a retry."""
-        for request in requests:
-            self._held.pop((request.shard, request.priority, request.entry_id), None)
+        self.leases = leases
 
     async def admit(self, entries: list[StreamEntry], retried: bool = False) -> None:
         """Batch good entries; answer (and ack) the rest at once, in one completion."""
@@ -113,7 +100,7 @@ class Admission:
             return expired_completion(request, now_ms)
         request.retried = retried
         self.batcher.put(request)
-        self._held[(entry.shard, entry.priority, entry.entry_id)] = None
+        self.leases.take(entry)
         return None
 
     def _envelope(self, entry: StreamEntry) -> Envelope:

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from .admission import Admission
 from .dead_letters import DeadLetters
+from .leases import Leases
 from .metrics import Metrics
 from .settings import Settings
 from .shards import ShardedStreams
@@ -44,6 +45,7 @@ class Recovery:
         settings: Settings,
         metrics: Metrics,
         admission: Admission,
+        leases: Leases,
         dead_letters: DeadLetters,
         trouble: RedisTrouble,
     ) -> None:
@@ -51,6 +53,7 @@ class Recovery:
         self.settings = settings
         self.metrics = metrics
         self.admission = admission
+        self.leases = leases
         self.dead_letters = dead_letters
         self.trouble = trouble
         self._cursors = {
@@ -70,7 +73,7 @@ class Recovery:
 
     async def refresh_lease(self) -> None:
         """Reset the idle time of everything this worker holds."""
-        lost = await self.streams.refresh_lease(self.admission.held())
+        lost = await self.leases.refresh()
         if lost:
             log.warning("%d held entries were claimed by another consumer", lost)
 
@@ -82,10 +85,9 @@ class Recovery:
                 priority, cursor, self.settings.claim_idle_ms, CLAIM_BATCH
             )
             self._cursors[(shard, priority)] = claimed.cursor
-            held = set(self.admission.held())
             # Our own held entries whose lease ran late come back too: they are alive here,
             # so they are neither retried nor given up on.
-            orphans = [e for e in claimed.entries if (e.shard, e.priority, e.entry_id) not in held]
+            orphans = [e for e in claimed.entries if not self.leases.holds(e)]
             if not orphans:
                 continue
             log.info("reclaimed %d idle entries of shard %d p%d", len(orphans), shard, priority)

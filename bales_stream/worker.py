@@ -38,6 +38,7 @@ from .completion import Completer
 from .control import FleetControl
 from .dead_letters import DeadLetters
 from .inference import InferenceExecutor
+from .leases import Leases
 from .metrics import Metrics
 from .model_config import load_models_file
 from .processing import MAX_BATCHES_PER_HANDOFF, BatchProcessor
@@ -117,6 +118,7 @@ class Worker:
         self.trouble = RedisTrouble(self.status, metrics, self.streams, self._stopping)
         self.completer = Completer(self.streams, settings, metrics, self.trouble, self.registry)
         self.dead_letters = DeadLetters(self.streams, settings, metrics, self.status, self.registry)
+        self.leases = Leases(self.streams)
         self.admission = Admission(
             settings,
             self.registry,
@@ -125,9 +127,16 @@ class Worker:
             metrics,
             self.completer,
             self.dead_letters,
+            self.leases,
         )
         self.recovery = Recovery(
-            self.streams, settings, metrics, self.admission, self.dead_letters, self.trouble
+            self.streams,
+            settings,
+            metrics,
+            self.admission,
+            self.leases,
+            self.dead_letters,
+            self.trouble,
         )
         self.control = FleetControl(redis, settings, self.registry, metrics, self.status)
         self.plan = ReadPlan.for_batches_of(settings.max_batch_size)
@@ -173,12 +182,12 @@ class Worker:
             log.warning(
                 "shutdown grace of %s s ran out; %d unanswered entries stay pending",
                 self.settings.shutdown_grace_s,
-                len(self.admission.held()),
+                len(self.leases.held()),
             )
             for task in self._in_flight:
                 await _cancel(task)
         await self.supervisor.stop()
-        if not self.admission.held():
+        if not self.leases.held():
             with contextlib.suppress(RedisError):
                 await self.streams.forget_consumer_if_idle()
         await self.streams.aclose()
@@ -304,7 +313,7 @@ class Worker:
 
     def held(self) -> list[Held]:
         """(shard, priority, entry id) of every entry read and not yet answered."""
-        return self.admission.held()
+        return self.leases.held()
 
     # ---- the read side ---------------------------------------------------------------
 
@@ -339,7 +348,7 @@ class Worker:
         while entries := await store.read_own_pending(after, self.plan.count):
             for entry in entries:
                 after[entry.priority] = entry.entry_id
-            orphans = [e for e in entries if not self.admission.holds(e)]
+            orphans = [e for e in entries if not self.leases.holds(e)]
             if orphans:
                 log.info("answering %d entries left pending by an earlier run", len(orphans))
                 await self.admission.admit(orphans)
@@ -385,7 +394,7 @@ class Worker:
                 self._model_in_flight[batches[0][0].model_id] -= 1
                 self._slots.release()
                 self.batcher.wake()
-            self.admission.release(outcome.failed)  # unleased: reclaimed after CLAIM_IDLE_MS
+            self.leases.release(outcome.failed)  # unleased: reclaimed after CLAIM_IDLE_MS
             completing_s = time.monotonic()
             await self.completer.complete(outcome.completions)
             self.metrics.observe_stages(completion=time.monotonic() - completing_s)
@@ -396,7 +405,7 @@ class Worker:
             )
         finally:
             for batch in batches:  # answered, or unleased so that it is retried
-                self.admission.release(batch)
+                self.leases.release(batch)
 
     # ---- helpers ---------------------------------------------------------------------
 
