@@ -1,6 +1,6 @@
 """The HTTP sidecar (aiohttp, in the service's own event loop): health, readiness, model
-reload and Prometheus metrics. There is deliberately no inference endpoint. It uses the
-worker's narrow interface only (``health``, ``status``, ``reload``, ``exposition``).
+reload and Prometheus metrics. There is deliberately no inference endpoint. It sees a
+consumer only through ``Consumer``, the narrow interface below (``worker.Worker`` is one).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -15,16 +16,41 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from redis.exceptions import RedisError
 
 from .errors import ModelLoadError
+from .metrics import Metrics
 from .model_config import check_sha256
-from .worker import Worker
+from .settings import Settings
+from .status import WorkerStatus
 
 log = logging.getLogger(__name__)
 
-WORKER_KEY: web.AppKey[Worker] = web.AppKey("worker", Worker)
+
+class Consumer(Protocol):
+    """What the sidecar may ask of a consumer: its settings, readiness and metrics, the
+    /health document, a fleet-wide reload, and fresh gauges before a scrape."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def status(self) -> WorkerStatus: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    async def health(self) -> dict[str, Any]: ...
+
+    async def reload(
+        self, model_id: str, weights_path: str, sha256: str | None = None
+    ) -> dict[str, object]: ...
+
+    async def refresh_metrics(self) -> None: ...
+
+
+WORKER_KEY: web.AppKey[Consumer] = web.AppKey("worker")
 METRICS_HANDLER_KEY: web.AppKey[Handler] = web.AppKey("metrics_handler")
 
 
-def create_app(worker: Worker) -> web.Application:
+def create_app(worker: Consumer) -> web.Application:
     """The sidecar application for one worker."""
     app = web.Application(client_max_size=64 * 1024)
     app[WORKER_KEY] = worker
@@ -49,7 +75,7 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"ready": False, "reasons": status.reasons()}, status=503)
 
 
-def _authorized(request: web.Request, worker: Worker) -> bool:
+def _authorized(request: web.Request, worker: Consumer) -> bool:
     """True when the request carries the bearer token, or no token is set (the sidecar then
     listens on loopback only: ``reload_model`` refuses first otherwise)."""
     token = worker.settings.sidecar_token
@@ -125,7 +151,7 @@ def _problem(status: int, message: str) -> web.Response:
 class Sidecar:
     """Runs the sidecar app on HOST:PORT inside the current event loop."""
 
-    def __init__(self, worker: Worker, host: str, port: int) -> None:
+    def __init__(self, worker: Consumer, host: str, port: int) -> None:
         self.worker = worker
         self.host = host
         self.port = port
