@@ -20,12 +20,27 @@ from bales_producer.connection import pack_with_hiredis
 from bales_producer.wire import is_cluster_url, plain_url
 from redis.asyncio.cluster import RedisCluster
 
+from .admission import Admission
+from .batcher import Batcher
+from .clock import RedisClock
+from .completion import Completer
+from .control import FleetControl
+from .dead_letters import DeadLetters
 from .embedded_redis import RedisServer, is_listening
 from .errors import StartupError
+from .inference import InferenceExecutor
+from .leases import Leases
 from .metrics import Metrics
+from .processing import BatchProcessor
+from .protocol import Request
+from .recovery import Recovery
+from .registry import ModelRegistry
 from .settings import DEFAULT_REDIS_URL, Settings
+from .shards import ShardedStreams
 from .sidecar import Sidecar
-from .worker import Worker
+from .status import RedisTrouble, WorkerStatus
+from .supervisor import Supervisor
+from .worker import Parts, Worker
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +114,69 @@ EXIT_TASK_FAILED = 3
 """Exit status when a long-lived task could not stay up (see ``supervisor``)."""
 
 
+def build_worker(settings: Settings, redis: Any, metrics: Metrics) -> Worker:
+    """The composition root: every collaborator of one consumer, built once from the
+    settings (the topology, single node or cluster, chosen here), wired, and handed to the
+    ``Worker`` that runs the loops."""
+    supervisor = Supervisor(metrics)
+    status = WorkerStatus(supervisor=supervisor)
+    clock = RedisClock()
+    executor = InferenceExecutor(settings.thread_pool_size, settings.intra_op_threads)
+    registry = ModelRegistry(settings.weights_dir, executor.run)
+    streams = ShardedStreams(
+        redis,
+        settings.keys,
+        settings.served_shards,
+        settings.consumer_group,
+        settings.consumer_name,
+        settings.reply_ttl_s,
+        cluster=settings.cluster_mode,
+        max_input_bytes=settings.max_input_bytes,
+    )
+    batcher: Batcher[Request] = Batcher(
+        settings.max_batch_size,
+        settings.batch_window_ms,
+        settings.priority_aging_ms,
+        adaptive=settings.adaptive_window,
+    )
+    stopping = asyncio.Event()
+    trouble = RedisTrouble(status, metrics, streams, stopping)
+    completer = Completer(streams, settings, metrics, trouble, registry)
+    dead_letters = DeadLetters(streams, settings, metrics, status, registry)
+    leases = Leases(streams)
+    admission = Admission(
+        settings, registry, batcher, clock, metrics, completer, dead_letters, leases
+    )
+    return Worker(
+        settings,
+        metrics,
+        Parts(
+            supervisor=supervisor,
+            status=status,
+            clock=clock,
+            executor=executor,
+            registry=registry,
+            streams=streams,
+            batcher=batcher,
+            processor=BatchProcessor(registry, executor, metrics, clock.now_ms),
+            trouble=trouble,
+            completer=completer,
+            leases=leases,
+            admission=admission,
+            recovery=Recovery(streams, settings, metrics, admission, leases, dead_letters, trouble),
+            control=FleetControl(redis, settings, registry, metrics, status),
+            stopping=stopping,
+        ),
+    )
+
+
 async def run_service(settings: Settings, *, demo: bool = False) -> int:
     """Run until SIGTERM/SIGINT/SIGHUP, then stop gracefully (exit status 0); or until a
     long-lived task cannot stay up, then drain and return ``EXIT_TASK_FAILED`` so that the
     orchestrator restarts the process."""
     url, embedded = await resolve_redis_url(settings)
     redis = connect(url, cluster=settings.cluster_mode)
-    worker = Worker(settings, redis, Metrics())
+    worker = build_worker(settings, redis, Metrics())
     sidecar = Sidecar(worker, settings.host, settings.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

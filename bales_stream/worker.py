@@ -27,7 +27,6 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .admission import Admission
@@ -36,7 +35,6 @@ from .batcher import Batcher
 from .clock import REFRESH_S, RedisClock
 from .completion import Completer
 from .control import FleetControl
-from .dead_letters import DeadLetters
 from .inference import InferenceExecutor
 from .leases import Leases
 from .metrics import Metrics
@@ -86,59 +84,50 @@ class ReadPlan:
         )
 
 
+@dataclass(frozen=True)
+class Parts:
+    """The collaborators of one worker, built by ``service.build_worker`` (the composition
+    root): the worker runs its loops over them and builds none of them."""
+
+    supervisor: Supervisor
+    status: WorkerStatus
+    clock: RedisClock
+    executor: InferenceExecutor
+    registry: ModelRegistry
+    streams: ShardedStreams
+    batcher: Batcher[Request]
+    processor: BatchProcessor
+    trouble: RedisTrouble
+    completer: Completer
+    leases: Leases
+    admission: Admission
+    recovery: Recovery
+    control: FleetControl
+    stopping: asyncio.Event
+    """Set when a stop is asked (shared with ``trouble``, whose backoffs it cuts short)."""
+
+
 class Worker:
     """One consumer of the group; ``start()`` it, ``stop()`` it for a graceful drain."""
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, parts: Parts) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.supervisor = Supervisor(metrics)
-        self.status = WorkerStatus(supervisor=self.supervisor)
-        self.clock = RedisClock()
-        self.executor = InferenceExecutor(settings.thread_pool_size, settings.intra_op_threads)
-        self.registry = ModelRegistry(settings.weights_dir, self.executor.run)
-        self.streams = ShardedStreams(
-            redis,
-            settings.keys,
-            settings.served_shards,
-            settings.consumer_group,
-            settings.consumer_name,
-            settings.reply_ttl_s,
-            cluster=settings.cluster_mode,
-            max_input_bytes=settings.max_input_bytes,
-        )
-        self.batcher: Batcher[Request] = Batcher(
-            settings.max_batch_size,
-            settings.batch_window_ms,
-            settings.priority_aging_ms,
-            adaptive=settings.adaptive_window,
-        )
-        self.processor = BatchProcessor(self.registry, self.executor, metrics, self.clock.now_ms)
-        self._stopping = asyncio.Event()
-        self.trouble = RedisTrouble(self.status, metrics, self.streams, self._stopping)
-        self.completer = Completer(self.streams, settings, metrics, self.trouble, self.registry)
-        self.dead_letters = DeadLetters(self.streams, settings, metrics, self.status, self.registry)
-        self.leases = Leases(self.streams)
-        self.admission = Admission(
-            settings,
-            self.registry,
-            self.batcher,
-            self.clock,
-            metrics,
-            self.completer,
-            self.dead_letters,
-            self.leases,
-        )
-        self.recovery = Recovery(
-            self.streams,
-            settings,
-            metrics,
-            self.admission,
-            self.leases,
-            self.dead_letters,
-            self.trouble,
-        )
-        self.control = FleetControl(redis, settings, self.registry, metrics, self.status)
+        self.supervisor = parts.supervisor
+        self.status = parts.status
+        self.clock = parts.clock
+        self.executor = parts.executor
+        self.registry = parts.registry
+        self.streams = parts.streams
+        self.batcher = parts.batcher
+        self.processor = parts.processor
+        self._stopping = parts.stopping
+        self.trouble = parts.trouble
+        self.completer = parts.completer
+        self.leases = parts.leases
+        self.admission = parts.admission
+        self.recovery = parts.recovery
+        self.control = parts.control
         self.plan = ReadPlan.for_batches_of(settings.max_batch_size)
         self._read_deadline_s = settings.read_block_ms / 1000 + settings.redis_timeout_s
         self._model_in_flight: Counter[str] = Counter()

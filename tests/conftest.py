@@ -21,6 +21,7 @@ from bales_producer import KeySpace
 
 from bales_stream.embedded_redis import RedisServer, free_port
 from bales_stream.metrics import Metrics
+from bales_stream.service import build_worker
 from bales_stream.settings import Settings, load_settings
 from bales_stream.sidecar import Sidecar
 from bales_stream.worker import Worker
@@ -132,7 +133,7 @@ def service_factory(
         client = aioredis.Redis.from_url(
             settings.redis_url.get_secret_value(), socket_timeout=None, socket_keepalive=True
         )
-        worker = Worker(settings, client, Metrics())
+        worker = build_worker(settings, client, Metrics())
         sidecar = Sidecar(worker, "127.0.0.1", 0)
         await sidecar.start()
         await worker.start()

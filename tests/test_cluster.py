@@ -22,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from bales_stream.metrics import Metrics
 from bales_stream.models import builtin_stub
 from bales_stream.replies import Completion
-from bales_stream.service import connect
+from bales_stream.service import build_worker, connect
 from bales_stream.settings import Settings, load_settings
 from bales_stream.streams import StreamEntry, StreamStore
 from bales_stream.worker import Worker
@@ -155,7 +155,7 @@ async def test_dead_lettering_on_a_cluster_records_replies_and_acks(rc, keys) ->
 async def test_the_service_answers_through_a_cluster_and_reloads_fleet_wide(cluster) -> None:
     prefix = f"c{uuid.uuid4().hex[:8]}"
     settings = cluster_settings(cluster, prefix)
-    worker = Worker(settings, connect(cluster.url, cluster=True), Metrics())
+    worker = build_worker(settings, connect(cluster.url, cluster=True), Metrics())
     await worker.start()
     try:
         inputs = np.random.default_rng(7).standard_normal((300, 128)).astype(np.float32)
@@ -231,7 +231,7 @@ async def test_a_dead_consumers_entries_are_reclaimed_and_answered_on_a_cluster(
     taken = await dead.read(count=20, share=20, block_ms=100)
     assert len(taken) == 20  # read, never answered: its consumer "died"
     settings = cluster_settings(cluster, prefix, claim_idle_ms=300)
-    worker = Worker(settings, connect(cluster.url, cluster=True), Metrics())
+    worker = build_worker(settings, connect(cluster.url, cluster=True), Metrics())
     await worker.start()
     try:
         async with AsyncClient(cluster.url, prefix=prefix, cluster=True) as client:
@@ -270,7 +270,7 @@ async def test_a_primary_failover_under_traffic_loses_no_request(replicated_clus
     primary = admin.get_node_from_key(keys.stream(0))
     replica = await replica_of(cluster, primary.port)
     settings = cluster_settings(cluster, prefix)
-    worker = Worker(settings, connect(cluster.url, cluster=True), Metrics())
+    worker = build_worker(settings, connect(cluster.url, cluster=True), Metrics())
     await worker.start()
     inputs = np.random.default_rng(11).standard_normal((400, 128)).astype(np.float32)
     try:
@@ -301,7 +301,7 @@ async def test_shards_spread_over_the_primaries_and_every_shard_is_served(cluste
     await redis_client.initialize()
     nodes = {redis_client.get_node_from_key(keys.for_shard(k).stream(0)).name for k in range(3)}
     assert len(nodes) == 3  # {requests.0..2} hash to slots on three different primaries
-    worker = Worker(settings, redis_client, Metrics())
+    worker = build_worker(settings, redis_client, Metrics())
     await worker.start()
     inputs = np.random.default_rng(17).standard_normal((300, 128)).astype(np.float32)
     try:
@@ -336,7 +336,7 @@ async def test_a_sigkilled_primary_fails_over_and_no_replicated_request_is_lost(
     keys = KeySpace(prefix, shards=3)
     settings = cluster_settings(cluster, prefix, shards=3, claim_idle_ms=500, redis_timeout_s=2)
     redis_client = connect(cluster.url, cluster=True)
-    worker = Worker(settings, redis_client, Metrics())
+    worker = build_worker(settings, redis_client, Metrics())
     inputs = np.random.default_rng(23).standard_normal((400, 128)).astype(np.float32)
     try:
         await redis_client.initialize()
@@ -389,7 +389,7 @@ async def test_hostile_entries_on_a_cluster_are_answered_and_acked(cluster, rc) 
     keys = KeySpace(prefix)
     await rc.hset(keys.desired_models, mapping={"stub_v1": "junk", "bad id!": "{}"})
     settings = cluster_settings(cluster, prefix, max_input_bytes=4096)
-    worker = Worker(settings, connect(cluster.url, cluster=True), Metrics())
+    worker = build_worker(settings, connect(cluster.url, cluster=True), Metrics())
     await worker.start()  # junk in the models hash does not stop it
     try:
         good = json.dumps([0.5] * 128)

@@ -21,6 +21,7 @@ from bales_producer import AsyncClient
 from bales_stream.embedded_redis import RedisServer
 from bales_stream.metrics import Metrics
 from bales_stream.models import load_stub_file
+from bales_stream.service import build_worker
 from bales_stream.sidecar import Sidecar
 from bales_stream.worker import Worker
 
@@ -57,7 +58,7 @@ async def test_health_reports_models_queues_and_identity(service) -> None:
 async def test_ready_is_503_until_the_worker_has_started(make_settings, redis_url) -> None:
     settings = make_settings()
     client = aioredis.Redis.from_url(redis_url)
-    worker = Worker(settings, client, Metrics())
+    worker = build_worker(settings, client, Metrics())
     sidecar = Sidecar(worker, "127.0.0.1", 0)
     await sidecar.start()
     base = f"http://127.0.0.1:{sidecar.port}"
@@ -147,7 +148,7 @@ async def exposed_service(make_settings, **overrides) -> AsyncIterator[tuple[Wor
     the worker and the sidecar's base URL (reached through 127.0.0.1)."""
     settings = make_settings(host="0.0.0.0", **overrides)
     client = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
-    worker = Worker(settings, client, Metrics())
+    worker = build_worker(settings, client, Metrics())
     sidecar = Sidecar(worker, settings.host, 0)
     await sidecar.start()
     await worker.start()
