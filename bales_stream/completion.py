@@ -16,11 +16,11 @@ from redis.exceptions import RedisError
 from .backoff import Backoff
 from .metrics import Metrics
 from .registry import ModelRegistry
-from .replies import Completion
+from .replies import Completed, Completion
 from .settings import Settings
 from .shards import ShardedStreams
 from .status import RedisTrouble
-from .streams import Completed, bounded, is_permanent
+from .streams import bounded, is_permanent
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ reply is never ``{``: a reader tells the two apart by it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -115,3 +116,20 @@ def expired_completion(request: Request, now_ms: float) -> Completion:
             "consumer holding it stopped"
         )
     return error_completion(request, wire.ERROR_EXPIRED, message)
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """What one completion call did besides answering: entries that were not ours any more
+    (stale), and replies skipped because the reply key or the inbox holds another type."""
+
+    stale: int = 0
+    bad_reply_keys: int = 0
+    bad_inboxes: int = 0
+
+    def __add__(self, other: Completed) -> Completed:
+        return Completed(
+            self.stale + other.stale,
+            self.bad_reply_keys + other.bad_reply_keys,
+            self.bad_inboxes + other.bad_inboxes,
+        )

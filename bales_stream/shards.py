@@ -20,9 +20,10 @@ from typing import Any
 from bales_producer import wire
 
 from .cluster_nodes import NodeClients
+from .cluster_writes import ClusterWrites
 from .queues import QueueStats
-from .replies import Completion
-from .streams import Completed, StreamEntry, StreamStore, complete_on_cluster
+from .replies import Completed, Completion
+from .streams import StreamEntry, StreamStore
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ class ShardedStreams:
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.nodes = NodeClients(redis) if cluster else None
+        self.cluster_writes = ClusterWrites(NodeClients(redis)) if cluster else None
+        """The topology, chosen once: how a cluster's replies, acks and dead letters are
+        written (shared by every shard; None on a single node)."""
         self.stores = {
             shard: StreamStore(
                 redis,
@@ -58,8 +61,7 @@ class ShardedStreams:
                 group,
                 consumer,
                 reply_ttl_s,
-                cluster=cluster,
-                nodes=self.nodes,
+                cluster_writes=self.cluster_writes,
                 shard=shard,
                 max_input_bytes=max_input_bytes,
             )
@@ -104,8 +106,8 @@ class ShardedStreams:
         if not completions:
             return Completed()
         by_shard = _group(completions, lambda done: done.shard)
-        if self.nodes is not None:  # a cluster: all shards' replies and acks in two steps
-            return await complete_on_cluster(
+        if self.cluster_writes is not None:  # all shards' replies and acks in two steps
+            return await self.cluster_writes.complete(
                 [(self.stores[shard], part) for shard, part in by_shard.items()]
             )
         if len(by_shard) == 1:
@@ -155,8 +157,8 @@ class ShardedStreams:
 
     async def aclose(self) -> None:
         """Close the per-primary clients of a cluster (the main client is the caller's)."""
-        if self.nodes is not None:
-            await self.nodes.reset()
+        if self.cluster_writes is not None:
+            await self.cluster_writes.nodes.reset()
 
     async def redis_time_ms(self) -> float:
         """The Redis server's clock, in ms since the epoch."""

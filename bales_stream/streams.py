@@ -22,9 +22,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import scripts
 from .cluster_nodes import NodeClients
+from .cluster_writes import ClusterWrites
 from .protocol import MAX_FIELD_BYTES, MAX_FIELD_NAME_BYTES, MAX_FIELDS
 from .queues import QueueStats, queue_stats
-from .replies import Completion
+from .replies import Completed, Completion
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +45,6 @@ class StreamEntry(NamedTuple):
     fields: dict[bytes, bytes] | None
     shard: int = 0
     withheld: dict[bytes, int] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Completed:
-    """What one completion call did besides answering: entries that were not ours any more
-    (stale), and replies skipped because the reply key or the inbox holds another type."""
-
-    stale: int = 0
-    bad_reply_keys: int = 0
-    bad_inboxes: int = 0
-
-    def __add__(self, other: Completed) -> Completed:
-        return Completed(
-            self.stale + other.stale,
-            self.bad_reply_keys + other.bad_reply_keys,
-            self.bad_inboxes + other.bad_inboxes,
-        )
 
 
 PERMANENT_ERRORS = ("WRONGTYPE", "ERR", "NOPERM", "NOSCRIPT")
@@ -137,42 +121,6 @@ def _after(ms: int, seq: int) -> tuple[int, int]:
     return ms, seq
 
 
-async def complete_on_cluster(parts: list[tuple[StreamStore, list[Completion]]]) -> Completed:
-    """Complete the entries of one or more shards of a Redis Cluster in two steps in all:
-    every reply, each written once (``StreamStore.write_replies_on_cluster``); then one
-    pipeline with every inbox push and each shard's fenced ack."""
-    first = parts[0][0]
-    everything = [done for _, part in parts for done in part]
-    bad_reply_keys = await first.write_replies_on_cluster(everything)
-    async with first.redis.pipeline() as pipe:
-        # Every inbox is notified, even when its reply key was already written: after a
-        # fault this call is retried whole, and the first attempt may have written the
-        # reply but not reached the inbox. A client may so see a reply twice; it keeps
-        # the first (the reply key holds exactly one).
-        inboxes = _push_inboxes(pipe, everything, first.reply_ttl_s)
-        for store, part in parts:
-            store.queue_fenced_ack(pipe, part)
-        results = await pipe.execute()
-    return Completed(
-        stale=sum(int(stale) for stale in results[inboxes:]),
-        bad_reply_keys=bad_reply_keys,
-        bad_inboxes=sum(1 for pushed in results[:inboxes] if not int(pushed)),
-    )
-
-
-def _push_inboxes(pipe: Any, completions: list[Completion], ttl_s: int) -> int:
-    """Queue on a pipeline the replies of each ``reply_to`` inbox, one push per inbox (not
-    per reply), in completion order, each refreshing its TTL and skipping an inbox of another
-    type (``scripts.PUSH_INBOX_LUA``). Returns how many calls were queued."""
-    inboxes: dict[str, list[bytes]] = {}
-    for done in completions:
-        if done.reply_to:
-            inboxes.setdefault(done.reply_to, []).append(done.document)
-    for inbox, documents in inboxes.items():
-        pipe.eval(scripts.PUSH_INBOX_LUA, 1, inbox, ttl_s, *documents)
-    return len(inboxes)
-
-
 def _pairs(flat: list[Any]) -> dict[Any, Any]:
     """A flat ``[name, value, ...]`` list (as Lua returns it) as a dict (a name given twice:
     the last value counts, as with redis-py's own XREADGROUP parsing)."""
@@ -192,16 +140,20 @@ class StreamStore:
         consumer: str,
         reply_ttl_s: int,
         cluster: bool = False,
-        nodes: NodeClients | None = None,
+        cluster_writes: ClusterWrites | None = None,
         shard: int | None = None,
         max_input_bytes: int = 1_048_576,
     ) -> None:
-        """``nodes``: the per-primary clients of a cluster (shared by a consumer's shards);
+        """``cluster``: the client is a Redis Cluster client, and writes go through
+        ``cluster_writes`` (given: shared by a consumer's shards; else made here);
         ``shard``: the id its entries carry (default ``keys.shard``); ``max_input_bytes``:
         the largest ``input`` a read transfers (larger ones are withheld)."""
         self.redis = redis
-        self.cluster = cluster
-        self.nodes = (nodes or NodeClients(redis)) if cluster else None
+        if cluster and cluster_writes is None:
+            cluster_writes = ClusterWrites(NodeClients(redis))
+        self.cluster_writes = cluster_writes
+        """How replies, acks and dead letters are written on a cluster (None: one node),
+        chosen once here."""
         self.keys = keys
         self.shard = keys.shard if shard is None else shard
         self.group = group
@@ -292,58 +244,11 @@ class StreamStore:
         for entries still pending for this consumer (``scripts.COMPLETE_LUA``)."""
         if not completions:
             return Completed()
-        if self.cluster:  # replies first (each once), then the fenced acks
-            return await complete_on_cluster([(self, completions)])
+        if self.cluster_writes is not None:  # replies first (each once), then fenced acks
+            return await self.cluster_writes.complete([(self, completions)])
         keys, args = self._completion_call(completions)
         stale, bad_reply_keys, bad_inboxes = await self._complete(keys=keys, args=args)
         return Completed(int(stale), int(bad_reply_keys), int(bad_inboxes))
-
-    def queue_fenced_ack(self, pipe: Any, completions: list[Completion]) -> None:
-        """Add to a cluster pipeline the ack of these entries, only those still ours
-        (``scripts.ACK_OWNED_LUA``; its answer is how many were stale)."""
-        streams = [self.keys.stream(done.priority) for done in completions]
-        ids = [done.entry_id for done in completions]
-        pipe.eval(scripts.ACK_OWNED_LUA, len(streams), *streams, self.group, self.consumer, *ids)
-
-    async def write_replies_on_cluster(self, completions: list[Completion]) -> int:
-        """Each reply once, in one call per primary for the replies whose slots it owns
-        (``scripts.REPLIES_ON_NODE_LUA``, ``cluster_nodes``); after any Redis error, again
-        through the cluster client, which follows MOVED/ASK and failovers (harmless: a reply
-        is written once either way). Returns how many reply keys held another type."""
-        if not completions:
-            return 0
-        reply_keys = [self.keys.reply(done.request_id) for done in completions]
-        assert self.nodes is not None
-        groups = self.nodes.group_by_node(reply_keys)
-        outcomes = await asyncio.gather(
-            *(
-                self._write_replies_on_node(n, i, reply_keys, completions)
-                for n, i in groups.items()
-            ),
-            return_exceptions=True,
-        )
-        errors = [e for e in outcomes if isinstance(e, BaseException)]
-        if not errors:
-            return sum(int(bad) for bad in outcomes if isinstance(bad, int))
-        if not all(isinstance(e, RedisError) for e in errors):
-            raise errors[0]
-        log.info("writing replies per primary failed (%s); using the cluster client", errors[0])
-        await self.nodes.reset()
-        async with self.redis.pipeline() as pipe:
-            for reply_key, done in zip(reply_keys, completions, strict=True):
-                pipe.eval(scripts.REPLY_ONCE_LUA, 1, reply_key, done.document, self.reply_ttl_s)
-            written = await pipe.execute()
-        return sum(1 for outcome in written if int(outcome) < 0)
-
-    async def _write_replies_on_node(
-        self, node: str, indexes: list[int], reply_keys: list[str], completions: list[Completion]
-    ) -> int:
-        assert self.nodes is not None
-        client = await self.nodes.client(node, [scripts.REPLIES_ON_NODE_LUA])
-        pairs: list[Any] = []
-        for i in indexes:
-            pairs += [reply_keys[i], completions[i].document]
-        return int(await client.evalsha(scripts.REPLIES_ON_NODE_SHA, 0, self.reply_ttl_s, *pairs))
 
     def _completion_call(self, completions: list[Completion]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
@@ -371,8 +276,10 @@ class StreamStore:
             record[b"field:" + name] = value
         for name, size in (entry.withheld or {}).items():
             record[b"size:" + name] = size
-        if self.cluster:
-            return await self._dead_letter_on_cluster(entry, record, reply)
+        if self.cluster_writes is not None:
+            return await self.cluster_writes.dead_letter(
+                self, entry.priority, entry.entry_id, record, reply, DEAD_LETTER_MAXLEN
+            )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.keys.dead_letter, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
             if reply is None:
@@ -384,30 +291,6 @@ class StreamStore:
         if isinstance(acked, Exception):
             raise acked
         return not isinstance(added, Exception)
-
-    async def _dead_letter_on_cluster(
-        self, entry: StreamEntry, record: dict[Any, Any], reply: Completion | None
-    ) -> bool:
-        """The reply first (written once), then its inbox push and, in one script on the
-        shard's hash slot, the dead-letter record and the ack."""
-        replies = [] if reply is None else [reply]
-        await self.write_replies_on_cluster(replies)
-        pairs = [item for field in record.items() for item in field]
-        stream = self.keys.stream(entry.priority)
-        async with self.redis.pipeline() as pipe:
-            _push_inboxes(pipe, replies, self.reply_ttl_s)  # see complete_on_cluster
-            pipe.eval(
-                scripts.DEAD_LETTER_LUA,
-                2,
-                self.keys.dead_letter,
-                stream,
-                DEAD_LETTER_MAXLEN,
-                entry.entry_id,
-                self.group,
-                *pairs,
-            )
-            results = await pipe.execute()
-        return bool(int(results[-1]))
 
     async def refresh_lease(self, held: list[tuple[int, str]]) -> int:
         """Reset the idle time of entries we hold (priority, entry id) so no other consumer

@@ -112,14 +112,14 @@ async def test_replies_sent_to_a_primary_that_does_not_own_them_fall_back_and_la
     done = [completion(e, e.fields[b"request_id"].decode()) for e in entries]
     # a stale slot map: each primary's plain client talks to another primary
     names = [node.name for node in rc.get_primaries()]
-    assert store.nodes is not None
+    assert store.cluster_writes is not None
     for name, other in zip(names, names[1:] + names[:1], strict=True):
         node = rc.get_node(node_name=other)
-        store.nodes._clients[name] = aioredis.Redis(host=node.host, port=node.port)
+        store.cluster_writes.nodes._clients[name] = aioredis.Redis(host=node.host, port=node.port)
     assert (await store.complete(done)).stale == 0  # Redis refused the non-local keys; retried
     for item in done:
         assert await rc.lrange(keys.reply(item.request_id), 0, -1) == [item.document]
-    assert store.nodes._clients == {}  # the fast path starts afresh
+    assert store.cluster_writes.nodes._clients == {}  # the fast path starts afresh
     assert [s.pending for s in await store.queue_stats()] == [0, 0, 0]
 
 
