@@ -5,7 +5,7 @@ Whatever a client wrote, one entry affects that entry only. Each is decoded and 
 whose deadline has passed ``expired``, one without a usable request_id is dead-lettered, and
 an unexpected failure on one (a bug: never the client's fault alone) is answered
 ``internal``: all of them acked, none left to stop a loop or to be read again and again.
-The rest go to the batcher and are held (leased, see ``recovery``) until answered.
+The rest go to the batcher and are held (``leases``) until answered.
 """
 
 from __future__ import annotations

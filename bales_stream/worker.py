@@ -10,7 +10,7 @@ reading overlaps with inference:
   and acks in one fenced step;
 * ``Recovery``'s lease, reclaim and trim loops, the fleet-control listener and the clock.
 
-Every entry read stays held (leased, see ``recovery``) until it is answered, so nothing a
+Every entry read stays held (``leases``) until it is answered, so nothing a
 live worker holds is reclaimed by another, and nothing a dead worker held is lost.
 """
 
