@@ -1,7 +1,7 @@
 """The worker: one consumer of the group. Read -> decode -> batch -> infer -> reply -> ack.
 
-The worker wires the parts and runs the loops, each a task of the ``Supervisor``, so that
-reading overlaps with inference:
+The worker runs the loops over the parts ``service.build_worker`` wires, each a task of the
+``Supervisor``, so that reading overlaps with inference:
 
 * a read loop per served shard XREADGROUPs new entries (only while the batcher has room)
   and hands them to ``Admission`` (decode, answer the bad ones at once, batch the rest);
